@@ -1,0 +1,205 @@
+"""The export-oriented decoder: a compact Llama (also Mistral, Qwen2) whose attention is one custom op.
+
+One forward is one step of a Mesa schedule (DESIGN.md, "The step graph"): the new block's token ids,
+the static KV cache (keys stored before RoPE), and the step scalars. It returns the logits of the
+last `logits_to_keep` positions and the new block's K/V rows, which the caller writes into its cache
+at `write_pos`. `torch.ops.mesa.attention` is the reference implementation of `ai.mesa::MesaAttention`;
+the exporter swaps it for the ONNX function of graph_ops/mesa_function.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from runtime import mesa
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: mesa.RopeConfig
+    attention_bias: bool = False  # Qwen2: q/k/v projections have biases
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config, rope: mesa.RopeConfig) -> "ModelArgs":
+        heads = config.num_attention_heads
+        bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=rope.head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            rope=rope,
+            attention_bias=bias,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+# ------------------------------------------------------------------------------ the custom op
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's rotate-half RoPE with half-width tables: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@torch.library.custom_op("mesa::attention", mutates_args=())
+def mesa_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
+    sink_len: Tensor, window_start: Tensor, write_pos: Tensor, chunk_width: Tensor,
+    layer: int, train_length: int, push_width: int,
+) -> Tensor:
+    """Attention of one step (MESA_SPEC §4). q [B,H,q,d], k/v [B,Hkv,q,d] before RoPE;
+    k_cache/v_cache [layers,B,Hkv,max_len,d]; returns [B,H,q,d]."""
+    a, b, w, W = (int(t) for t in (sink_len, window_start, write_pos, chunk_width))
+    kc, vc = k_cache[layer], v_cache[layer]
+    keys = torch.cat((kc[:, :, :a], kc[:, :, b:w], k), dim=2)
+    values = torch.cat((vc[:, :, :a], vc[:, :, b:w], v), dim=2)
+    m, nq = keys.shape[2], q.shape[2]
+    pos = torch.from_numpy(mesa.key_positions(m, W, train_length, push_width))
+    cos_k, sin_k = cos[pos], sin[pos]
+    keys = apply_rope(keys, cos_k, sin_k)
+    scale = torch.from_numpy(mesa.logn_scale(np.arange(m - nq, m), train_length)).to(q.dtype)
+    queries = apply_rope(q, cos_k[m - nq:], sin_k[m - nq:]) * scale[:, None]
+    groups = q.shape[1] // k.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    # cached keys are all visible; new key j is visible to new query i iff j <= i
+    visible = torch.arange(m)[None, :] <= torch.arange(m - nq, m)[:, None]
+    scores = (queries @ keys.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    return (scores.softmax(dim=-1).to(values.dtype) @ values)
+
+
+@mesa_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cos, sin, sink_len, window_start, write_pos, chunk_width,
+      layer, train_length, push_width):
+    return torch.empty_like(q)
+
+
+# ------------------------------------------------------------------------------ the decoder
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int]):
+        super().__init__()
+        h, kv, d, bias = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, h * d, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv * d, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv * d, bias=bias)
+        self.o_proj = nn.Linear(h * d, args.hidden_size, bias=False)
+        self.shape = (h, kv, d)
+        self.layer = layer
+        self.train_length, self.push_width = mesa_attrs
+
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
+                scalars: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        B, n, _ = x.shape
+        h, kv, d = self.shape
+        q = self.q_proj(x).view(B, n, h, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, n, kv, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, n, kv, d).transpose(1, 2)
+        out = torch.ops.mesa.attention(q, k, v, k_cache, v_cache, cos, sin, *scalars,
+                                       self.layer, self.train_length, self.push_width)
+        return self.o_proj(out.transpose(1, 2).reshape(B, n, h * d)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int]):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer, mesa_attrs)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, k_cache, v_cache, cos, sin, scalars):
+        attn, k, v = self.self_attn(self.input_layernorm(x), k_cache, v_cache, cos, sin, scalars)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class Backbone(nn.Module):  # named like HF's `model.` prefix so checkpoints load by name
+    def __init__(self, args: ModelArgs, mesa_attrs: tuple[int, int]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, mesa_attrs) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class MesaDecoder(nn.Module):
+    """forward(input_ids, k_cache, v_cache, sink_len, window_start, write_pos, chunk_width, logits_to_keep)
+    -> (logits [B, logits_to_keep, vocab], new_keys, new_values [layers, B, Hkv, q, d])."""
+
+    def __init__(self, args: ModelArgs, max_len: int, train_length: int, push_width: int):
+        super().__init__()
+        self.args, self.max_len = args, max_len
+        self.model = Backbone(args, (train_length, push_width))
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        cos, sin = mesa.rope_tables(max_len, args.rope)
+        self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
+        self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+
+    def forward(self, input_ids: Tensor, k_cache: Tensor, v_cache: Tensor, sink_len: Tensor,
+                window_start: Tensor, write_pos: Tensor, chunk_width: Tensor, logits_to_keep: Tensor):
+        scalars = (sink_len, window_start, write_pos, chunk_width)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype)
+        new_k, new_v = [], []
+        for layer in self.model.layers:
+            x, k, v = layer(x, k_cache, v_cache, cos, sin, scalars)
+            new_k.append(k)
+            new_v.append(v)
+        n = logits_to_keep.item()
+        torch._check(n >= 1)
+        torch._check(n <= x.shape[1])
+        x = x.narrow(1, x.shape[1] - n, n)
+        logits = self.lm_head(self.model.norm(x)).float()
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def load_hf_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """HF names map 1:1; rotary buffers are ours; a tied lm_head reuses the embedding."""
+        sd = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
+        if "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        missing, unexpected = self.load_state_dict(sd, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

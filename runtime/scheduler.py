@@ -1,0 +1,67 @@
+"""Runs one sequence through a Mesa schedule on any backend.
+
+A backend is a callable `step(input_ids [1, q] int64, step: mesa.Step, logits_to_keep: int,
+cache: KVCache) -> (logits [1, n, vocab], new_k, new_v)`; the scheduler walks the plan from
+runtime.mesa and writes each step's new K/V rows into the cache at the step's write position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from runtime import mesa
+from runtime.kv_cache import KVCache
+
+StepFn = Callable[[np.ndarray, mesa.Step, int, KVCache], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Sequence:
+    """What decoding needs to know after the prefill: how many tokens are cached and the W chosen."""
+
+    length: int
+    chunk_width: int
+
+
+def prefill(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cache: KVCache,
+            all_logits: bool = True, on_step: Callable[[mesa.Step], None] | None = None
+            ) -> tuple[np.ndarray, Sequence]:
+    """Run the prompt by its plan. Returns logits [L, vocab] (or [1, vocab] for the last position)."""
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+    out = []
+    for step in steps:
+        last = step is steps[-1]
+        keep = step.q if all_logits else 1
+        if all_logits or last:
+            logits, k, v = step_fn(ids[:, step.start:step.stop], step, keep, cache)
+            out.append(logits[0])
+        else:  # a chunk whose logits nobody reads still needs one row computed: the graph keeps >= 1
+            _, k, v = step_fn(ids[:, step.start:step.stop], step, 1, cache)
+        cache.write(step.write_pos, k, v)
+        if on_step is not None:
+            on_step(step)
+    return np.concatenate(out, axis=0), Sequence(steps[-1].stop, steps[-1].chunk_width)
+
+
+def decode(step_fn: StepFn, token: int, seq: Sequence, cache: KVCache) -> np.ndarray:
+    """Consume one token at position seq.length; returns its logits [vocab] and advances seq."""
+    step = mesa.decode_step(seq.length, seq.chunk_width)
+    logits, k, v = step_fn(np.array([[token]], dtype=np.int64), step, 1, cache)
+    cache.write(step.write_pos, k, v)
+    seq.length += 1
+    return logits[0, -1]
+
+
+def greedy(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cache: KVCache,
+           max_new_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Greedy decoding: yields (token, logits that chose it) — the prefill's last row first."""
+    logits, seq = prefill(step_fn, input_ids, steps, cache, all_logits=False)
+    row = logits[-1]
+    for i in range(max_new_tokens):
+        token = int(np.argmax(row))
+        yield token, row
+        if i + 1 < max_new_tokens:
+            row = decode(step_fn, token, seq, cache)
