@@ -174,9 +174,13 @@ class MesaDecoder(nn.Module):
         self.args, self.max_len = args, max_len
         self.model = Backbone(args, (train_length, push_width))
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        cos, sin = mesa.rope_tables(max_len, args.rope)
-        self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
-        self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+        self.reset_rope_tables()
+
+    def reset_rope_tables(self) -> None:
+        """RoPE cos/sin for [0, max_len) (the exported initializers); call again after a meta-device build."""
+        cos, sin = mesa.rope_tables(self.max_len, self.args.rope)
+        self.register_buffer("rope_cos", torch.tensor(cos, device="cpu"), persistent=False)
+        self.register_buffer("rope_sin", torch.tensor(sin, device="cpu"), persistent=False)
 
     def forward(self, input_ids: Tensor, k_cache: Tensor, v_cache: Tensor, sink_len: Tensor,
                 window_start: Tensor, write_pos: Tensor, chunk_width: Tensor, logits_to_keep: Tensor):

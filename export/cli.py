@@ -1,0 +1,162 @@
+"""`python export.py`: a Hugging Face checkpoint in, a Mesa-Extrapolation ONNX engine directory out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+PARAM_FLAGS = (  # flag, MesaParams field, paper symbol, help
+    ("--train-length", "train_length", "T", "length the model was trained at; Stair PE and log-n start beyond it"),
+    ("--first-chunk", "first_chunk", "F", "tokens of the first chunk, kept visible to every middle chunk"),
+    ("--first-chunk-cache", "first_chunk_cache", "Fc", "first-chunk budget used by DynamicSplit to size chunks"),
+    ("--last-context", "last_context", "C", "tokens DynamicSplit reserves for the last chunk"),
+    ("--reserve-tokens", "reserve_tokens", "G", "tokens you plan to generate (planning only, not a limit)"),
+    ("--push-width", "push_width", "pw", "keys per stair step of Stair PE (larger = more compression)"),
+    ("--chunk-width", "chunk_width", "W0", "starting chunk width W for short prompts (default T)"),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a Llama-family checkpoint (Llama, Mistral, Qwen2) to an ONNX engine that runs "
+                    "Mesa-Extrapolation: chunked prefill plus Stair PE, so prompts can exceed the trained "
+                    "length without fine-tuning. Unset Mesa parameters come from the alias preset, else from "
+                    "the paper's general setting scaled to the model's trained length (see README).",
+        epilog="example: python export.py --model llama2-7b --max-len 12288 --out engines/llama2-7b-12k",
+    )
+    p.add_argument("--model", required=True,
+                   help="alias (llama2-7b, tinyllama-1.1b, ...), a local HF folder, or an HF id in the local cache")
+    p.add_argument("--max-len", type=int, required=True,
+                   help="longest sequence (prompt + generated tokens) the engine serves; sizes the KV cache")
+    p.add_argument("--out", required=True, help="engine directory to write (refused if it exists, see --force)")
+    p.add_argument("--method", choices=("mesa", "origin"), default="mesa",
+                   help="mesa (default, the published method) or origin (plain RoPE, full attention)")
+    for flag, _, sym, text in PARAM_FLAGS:
+        p.add_argument(flag, type=int, default=None, metavar=sym, help=f"{sym}: {text}")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weight/activation type")
+    p.add_argument("--opset", type=int, default=24, choices=(24,),
+                   help="ONNX opset of the model and of the MesaAttention function body")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the onnx.checker pass and the ONNX Runtime smoke step against the reference")
+    return p
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def check_lengths(args, params) -> None:
+    from runtime import mesa
+
+    if args.max_len < 1:
+        raise mesa.MesaParamError(f"--max-len must be above zero, got {args.max_len}")
+    if args.method == "mesa":
+        if args.max_len < params.first_chunk:
+            raise mesa.MesaParamError(f"--max-len {args.max_len} is smaller than the first chunk F={params.first_chunk}")
+        for n in range(1, args.max_len + 1):  # every prompt the engine may receive must have a plan
+            try:
+                mesa.dynamic_split(n, params)
+            except mesa.MesaParamError as e:
+                raise mesa.MesaParamError(f"Mesa parameters {params.as_dict()} fail for a prompt of {n} tokens: {e}") from None
+
+
+def quiet_libraries() -> None:
+    """torch.onnx logs every torchvision op it skips and deprecation notes; users need none of it."""
+    import logging
+    import warnings
+
+    import torch  # noqa: F401  (configures its loggers on import; ours must come after)
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        return fail(f"{out} exists; pass --force to replace it")
+
+    quiet_libraries()
+    from tqdm import tqdm
+
+    from export import loading, onnx_export, verify
+    from runtime import mesa
+
+    stages = ["load", "trace", "passes", "save", "verify"]
+    bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr,
+               bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}]")
+    try:
+        bar.set_description("export: load")
+        path, alias = loading.resolve_model(args.model)
+        config = loading.load_config(path)
+        for w in loading.check_supported(config):
+            tqdm.write(f"warning: {w}", file=sys.stderr)
+        overrides = {field: getattr(args, field) for _, field, _, _ in PARAM_FLAGS}
+        params = loading.default_params(config, alias, overrides)
+        check_lengths(args, params)
+        lm = onnx_export.build_model(path, config, params, args.method, args.max_len, args.dtype, alias)
+        bar.update()
+
+        bar.set_description("export: trace")
+        model = onnx_export.trace(lm)
+        bar.update()
+        bar.set_description("export: passes")
+        passes: list[str] = []
+        bar.update()
+
+        manifest = onnx_export.make_manifest(lm, model, args.model, passes, target="portable")
+        with onnx_export.atomic_directory(out, args.force) as tmp:
+            bar.set_description("export: save")
+            onnx_export.write_engine(tmp, model, manifest, path)
+            bar.update()
+            bar.set_description("export: verify")
+            report = "skipped (--no-verify)" if args.no_verify else verify.verify_engine(tmp, lm)
+            bar.update()
+        bar.close()
+    except (loading.ModelLoadError, mesa.MesaParamError, FileExistsError) as e:
+        bar.close()
+        return fail(str(e))
+    except verify.VerificationError as e:
+        bar.close()
+        return fail(f"verification failed, nothing written: {e}")
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+
+    print(summary(out, manifest, model, report))
+    return 0
+
+
+def summary(out: Path, manifest, model, report: str) -> str:
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    ops = Counter(n.op_type for n in model.graph)
+    top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
+    p = manifest.params
+    lines = [
+        f"wrote {out} ({size / 2**20:.1f} MiB)",
+        f"  method {manifest.method}, max_len {manifest.max_len}, dtype {manifest.dtype}, opset {manifest.opset}",
+        f"  Mesa: T={p['train_length']} F={p['first_chunk']} Fc={p['first_chunk_cache']} C={p['last_context']} "
+        f"G={p['reserve_tokens']} pw={p['push_width']} W0={p['chunk_width']}",
+        f"  ops: {top}",
+        f"  largest relative distance any step uses: {manifest.largest_distance}",
+        f"  verify: {report}",
+    ]
+    if manifest.method == "mesa" and manifest.largest_distance >= p["train_length"]:
+        lines.append(f"warning: distances up to {manifest.largest_distance} reach T={p['train_length']}: the model "
+                     "never saw them in training; a larger --push-width compresses more")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

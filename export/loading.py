@@ -1,0 +1,309 @@
+"""Find a Llama-family checkpoint offline, check it is one we can export, and read its weights.
+
+A model is named by an alias (`llama2-7b`), a local folder (config.json + weights) or a Hugging Face id
+already in the local HF cache. Nothing here touches the network: the cache is read with
+`local_files_only=True`. Every failure a user can cause is a `ModelLoadError` whose text says what was
+looked at and what to do; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from runtime.mesa import MesaParamError, MesaParams, RopeConfig
+
+
+class ModelLoadError(Exception):
+    """A checkpoint that cannot be found, read or exported; str() is the message for the user."""
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+
+# ------------------------------------------------------------------------------------- aliases
+
+_PUBLISHED = "published code (github.com/soacker/Mesa-Extrapolation @84a9189)"
+# The published `PositionSet` class defaults, i.e. the paper's general setting; they go with its T = 2048.
+_GENERAL = {"first_chunk": 100, "first_chunk_cache": 100, "last_context": 512, "reserve_tokens": 50,
+            "push_width": 50}
+_GENERAL_T = 2048
+
+
+@dataclass(frozen=True)
+class Alias:
+    hf_id: str
+    params: dict = field(default_factory=dict)  # MesaParams field -> value; chunk_width left out means W0 = T
+    source: str = ""
+
+
+def _general(T: int, why: str) -> tuple[dict, str]:  # (params, source)
+    return {"train_length": T, **_GENERAL}, (
+        f"no published setting for this model: the paper's general setting (F=Fc=100, C=512, G=50, pw=50, "
+        f"the published PositionSet defaults) with T={T} = {why}; W0 = T")
+
+
+ALIASES: dict[str, Alias] = {
+    "llama2-7b": Alias("meta-llama/Llama-2-7b-hf", {"train_length": 2048, **_GENERAL}, (
+        f"{_PUBLISHED}: the experiment script runs Llama-2 with T=2048 although Llama-2 is trained at 4096; "
+        "its utils.get_model has no branch for the base model, so the PositionSet defaults apply "
+        "(F=Fc=100, C=512, G=50, pw=50); W0 = T = 2048 as the script sets it for llama2-7b-chat and vicuna "
+        "(the class default W would be 1800; MESA_SPEC section 11 fixes W0 = T)")),
+    "llama2-7b-chat": Alias("meta-llama/Llama-2-7b-chat-hf", {
+        "train_length": 2048, "first_chunk": 100, "first_chunk_cache": 100, "last_context": 800,
+        "reserve_tokens": 50, "push_width": 20}, (
+        f"{_PUBLISHED}: utils.get_model's 'llama2-7b-chat' branch sets train_length=2048 (Llama-2 is trained "
+        "at 4096; the script uses 2048), context_window_length=2048 (W0 = T), last_context=800, push_width=20; "
+        "F=Fc=100 and G=50 are the PositionSet defaults")),
+    "vicuna-7b": Alias("lmsys/vicuna-7b-v1.5", {
+        "train_length": 2048, "first_chunk": 100, "first_chunk_cache": 100, "last_context": 1024,
+        "reserve_tokens": 50, "push_width": 200}, (
+        f"{_PUBLISHED}: utils.get_model's 'vicuna' branch sets train_length=2048 (vicuna-7b-v1.5 is Llama-2 "
+        "based, trained at 4096; the script uses 2048), context_window_length=2048 (W0 = T), last_context=1024, "
+        "push_width=200; F=Fc=100 and G=50 are the PositionSet defaults")),
+    "tinyllama-1.1b": Alias("TinyLlama/TinyLlama-1.1B-Chat-v1.0", *_general(
+        2048, "TinyLlama's pre-training sequence length (config max_position_embeddings=2048)")),
+    "llama3-8b": Alias("meta-llama/Meta-Llama-3-8B", *_general(
+        8192, "Llama 3's pre-training sequence length (config max_position_embeddings=8192)")),
+    "mistral-7b": Alias("mistralai/Mistral-7B-v0.1", *_general(
+        8192, "the training context length in the Mistral 7B paper (arXiv 2310.06825, Table 1: context_len "
+        "8192, window 4096); its config's max_position_embeddings=32768 is not a trained length")),
+    "qwen2-7b": Alias("Qwen/Qwen2-7B", *_general(
+        32768, "the context Qwen2 was pre-trained up to (Qwen2 technical report, arXiv 2407.10671: extended "
+        "from 4096 to 32768 at the end of pre-training); longer serving lengths in its config rely on YaRN")),
+}
+
+
+def default_params(config, alias: Alias | None = None, overrides: dict | None = None) -> MesaParams:
+    """The Mesa parameters for an export: per field, `overrides` (None values ignored) beat the alias
+    preset, which beats this rule, derived from T alone:
+
+        T  = overrides' or the alias's train_length, else config.max_position_embeddings
+        s  = min(1, T / 2048)
+        F  = Fc = max(1, round(100 s))   C = round(512 s)   G = round(50 s)   pw = max(1, round(50 s))
+        W0 = T
+
+    That is the paper's general setting (the published PositionSet defaults, which go with T = 2048) for
+    every T >= 2048 — the same numbers the aliases without a published setting use — and the same setting
+    shrunk in proportion for smaller T (tiny test models), where F = Fc = 100 would not fit. DynamicSplit
+    then always works: W <= T - F - Fc, so W + F < T as long as Fc >= 1 and F + Fc < T, which is checked.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(MesaParams.__dataclass_fields__))
+    if unknown:
+        raise MesaParamError(f"unknown Mesa parameter(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(MesaParams.__dataclass_fields__)}")
+    preset = alias.params if alias is not None else {}
+    T = int(given.get("train_length", preset.get("train_length", config.max_position_embeddings)))
+    s = min(1.0, T / _GENERAL_T)
+    rule = {"train_length": T, "first_chunk": max(1, round(100 * s)), "first_chunk_cache": max(1, round(100 * s)),
+            "last_context": round(512 * s), "reserve_tokens": round(50 * s), "push_width": max(1, round(50 * s)),
+            "chunk_width": 0}
+    p = MesaParams(**{k: int(v) for k, v in {**rule, **preset, **given}.items()})
+    if p.first_chunk + p.first_chunk_cache >= p.train_length:  # DynamicSplit's D = T - F - Fc must be > 0
+        raise MesaParamError(f"first_chunk F={p.first_chunk} + first_chunk_cache Fc={p.first_chunk_cache} "
+                             f"must stay below train_length T={p.train_length}")
+    return p
+
+
+# ------------------------------------------------------------------------------ finding a model
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "org/name"
+
+
+def hub_cache_dir() -> Path:
+    """The HF hub cache, read from the environment now (huggingface_hub reads it once, at import), in
+    huggingface_hub's order: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub."""
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    cache = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def _how_to_get(repo_id: str) -> str:
+    gated = " (Meta's repositories are gated: accept the license on the Hub first)" if repo_id.startswith(
+        "meta-llama/") else ""
+    return (f"To provide it, run `huggingface-cli download {repo_id}` (newer huggingface_hub: `hf download "
+            f"{repo_id}`) on a machine with network access{gated} and copy the cache here (or point HF_HUB_CACHE / "
+            f"HF_HOME at it), or pass the checkpoint folder itself (config.json + weights).")
+
+
+def _from_cache(repo_id: str, cache: Path) -> Path | None:
+    from huggingface_hub import snapshot_download  # local_files_only: reads refs/ and snapshots/, no request
+
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not an id)
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _checked_folder(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; pass the folder of a Hugging Face checkpoint "
+                             "(config.json + model.safetensors or its shards).")
+    return path.resolve()
+
+
+def resolve_model(name: str | os.PathLike) -> tuple[Path, Alias | None]:
+    """The checkpoint folder for `name` (a local folder, an alias or an HF id in the local cache) and the
+    alias it came from. An existing folder wins over an alias or id of the same spelling."""
+    name = os.fspath(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _checked_folder(path), None
+    if path.is_file():
+        raise ModelLoadError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+    cache = hub_cache_dir()
+    alias = ALIASES.get(name)
+    if alias is not None:
+        folder = _from_cache(alias.hf_id, cache)
+        if folder is None:
+            raise ModelLoadError(f"model '{name}' is {alias.hf_id}, which is not in the Hugging Face cache "
+                                 f"{cache} (looked offline). {_how_to_get(alias.hf_id)}")
+        return folder, alias
+    if _REPO_ID.match(name):
+        folder = _from_cache(name, cache)
+        if folder is not None:
+            return folder, None
+        if "/" in name:  # spelled like an HF id: it may be either, say both places
+            raise ModelLoadError(f"model '{name}' not found: no folder {path.resolve()} and no {name} in the "
+                                 f"Hugging Face cache {cache} (looked offline). {_how_to_get(name)}")
+        raise ModelLoadError(f"unknown model '{name}': not an alias, no folder {path.resolve()}, not in the "
+                             f"Hugging Face cache {cache}. Aliases: {', '.join(ALIASES)}; or pass a checkpoint "
+                             "folder or the Hugging Face id of a cached model.")
+    raise ModelLoadError(f"no checkpoint folder at {path.resolve()}; pass a folder with config.json and weights, "
+                         f"an alias ({', '.join(ALIASES)}) or the Hugging Face id of a cached model.")
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def load_config(path: str | os.PathLike):
+    """The checkpoint's transformers config, read offline; ModelLoadError if unreadable or unsupported
+    (call `check_supported` again for its warnings)."""
+    from transformers import AutoConfig  # lazy: importing transformers costs seconds
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"no config.json in {path}; pass the folder of a Hugging Face checkpoint.")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # bad JSON, unknown model_type, ...
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+    check_supported(config)
+    return config
+
+
+def _rope(config) -> tuple[str, float, float]:
+    """(rope_type, rope_theta, linear factor) from transformers 5's `rope_parameters` or, for older
+    configs, the `rope_theta` / `rope_scaling` attributes."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = {"rope_theta": getattr(config, "rope_theta", 10000.0), **(getattr(config, "rope_scaling", None) or {})}
+    if any(isinstance(v, dict) for v in params.values()):  # per-layer-type RoPE (Gemma-style)
+        raise ModelLoadError(f"per-layer-type RoPE parameters are not supported: {params}")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(f"RoPE scaling type '{rope_type}' is not supported; supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)} (Mesa-Extrapolation replaces RoPE scaling).")
+    theta = float(params.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
+    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    return rope_type, theta, factor
+
+
+def check_supported(config) -> list[str]:
+    """Raise ModelLoadError for what we cannot export; return warnings for what the export ignores."""
+    archs = list(getattr(config, "architectures", None) or [])
+    archs = archs or [_ARCH_BY_MODEL_TYPE.get(getattr(config, "model_type", None), "unknown")]
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ModelLoadError(f"unsupported architecture {', '.join(archs)} (model_type "
+                             f"{getattr(config, 'model_type', '?')}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
+    _rope(config)
+    warnings = []
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        warnings.append(f"sliding_window={window} is ignored: the export attends over everything Mesa's "
+                        "schedule makes visible, as the published method does for Llama.")
+    return warnings
+
+
+def rope_config(config) -> RopeConfig:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    _, theta, factor = _rope(config)
+    return RopeConfig(head_dim=int(head_dim), rope_theta=theta, linear_factor=factor)
+
+
+# ----------------------------------------------------------------------------------- weights
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The files holding the checkpoint's weights; safetensors preferred over pickled .bin."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"no checkpoint folder at {path.resolve()}.")
+    for name in WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [file]
+        try:
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"cannot read the shard index {file}: {e!r}") from e
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{file} lists shards missing from {path}: {', '.join(missing)}.")
+        return [path / s for s in shards]
+    raise ModelLoadError(f"no weights in {path}: looked for {', '.join(WEIGHT_FILES)}.")
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def iter_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one shard at a time and one tensor at a time within safetensors, so a 7B
+    model can be streamed without holding two copies. Floating tensors are cast to `dtype` (None: as
+    stored). Tied weights absent from the files (e.g. lm_head with tie_word_embeddings) are not added."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        yield name, _cast(f.get_tensor(name), dtype)
+            else:
+                try:
+                    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+                    sd = torch.load(file, map_location="cpu", weights_only=True)
+                for name, t in sd.items():
+                    yield name, _cast(t, dtype)
+                del sd
+        except (SafetensorError, RuntimeError, OSError, pickle.UnpicklingError, EOFError) as e:
+            raise ModelLoadError(f"cannot read weights from {file}: {e}") from e
+
+
+def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """All weights of the checkpoint in `path` as one dict (floating tensors cast to `dtype`)."""
+    return dict(iter_state_dict(path, dtype))
+
+
+__all__ = [
+    "ALIASES", "Alias", "ModelLoadError", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES", "WEIGHT_FILES",
+    "check_supported", "default_params", "hub_cache_dir", "iter_state_dict", "load_config", "load_state_dict",
+    "resolve_model", "rope_config", "weight_files",
+]

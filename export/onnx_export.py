@@ -1,0 +1,163 @@
+"""Trace the reference decoder to the ONNX step graph and write an engine directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from export import loading
+from export.model import MesaDecoder, ModelArgs
+from graph_ops import mesa_op
+from runtime import artifact, mesa
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXPORTER_VERSION = "0.1.0"
+# Weights above this go to external data (protobuf's 2 GB limit, with margin).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@dataclass
+class LoadedModel:
+    model: MesaDecoder
+    config: object  # transformers PretrainedConfig
+    path: Path
+    alias: loading.Alias | None
+    params: mesa.MesaParams
+    method: str
+    max_len: int
+    dtype: str
+
+
+def graph_params(params: mesa.MesaParams, method: str, max_len: int) -> mesa.MesaParams:
+    """The T and pw baked into the graph: origin is the same formulas with T = max_len (no stairs)."""
+    return mesa.origin_params(max_len) if method == "origin" else params
+
+
+def build_model(path: Path, config, params: mesa.MesaParams, method: str, max_len: int, dtype: str,
+                alias: loading.Alias | None = None) -> LoadedModel:
+    """Build MesaDecoder on the meta device and assign the checkpoint's tensors: one copy in memory."""
+    args = ModelArgs.from_hf_config(config, loading.rope_config(config))
+    g = graph_params(params, method, max_len)
+    with torch.device("meta"):
+        model = MesaDecoder(args, max_len, g.train_length, g.push_width)
+    model.reset_rope_tables()
+    model.load_hf_state_dict(loading.load_state_dict(path, dtype=DTYPES[dtype]))
+    return LoadedModel(model.eval(), config, path, alias, params, method, max_len, dtype)
+
+
+def example_inputs(lm: LoadedModel, q: int = 5):
+    a = lm.model.args
+    cache = torch.zeros(a.num_hidden_layers, 1, a.num_key_value_heads, lm.max_len, a.head_dim,
+                        dtype=DTYPES[lm.dtype])
+    scalar = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return (torch.zeros(1, q, dtype=torch.int64), cache, cache.clone(), scalar(0), scalar(0), scalar(0),
+            scalar(lm.params.chunk_width), scalar(1))
+
+
+def trace(lm: LoadedModel) -> ir.Model:
+    """torch.onnx (dynamo) export: attention becomes ai.mesa::MesaAttention with its function body."""
+    batch = torch.export.Dim("batch", max=1024)
+    q = torch.export.Dim("q", max=lm.max_len)
+    dynamic = ({0: batch, 1: q}, {1: batch}, {1: batch}, None, None, None, None, None)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            lm.model, example_inputs(lm), dynamo=True, opset_version=mesa_op.OPSET,
+            custom_translation_table={torch.ops.mesa.attention.default: mesa_op.mesa_attention_translation},
+            input_names=list(artifact.STEP_INPUTS), output_names=list(artifact.STEP_OUTPUTS),
+            dynamic_shapes=dynamic, optimize=True, verbose=False,
+        )
+    model = program.model
+    fn = ir.serde.deserialize_function(mesa_op.function_proto())
+    model.functions[fn.identifier()] = fn
+    model.graph.outputs[0].shape = ir.Shape(["batch", "logits_to_keep", lm.model.args.vocab_size])
+    return model
+
+
+def tensor_specs(values) -> list[artifact.TensorSpec]:
+    specs = []
+    for v in values:
+        dims = [d if isinstance(d, int) else str(d) for d in v.shape]
+        specs.append(artifact.TensorSpec(v.name, v.dtype.numpy().name, dims))
+    return specs
+
+
+def config_hash(path: Path) -> str:
+    return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+
+
+def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: list[str], target: str
+                  ) -> artifact.Manifest:
+    a, cfg = lm.model.args, lm.config
+    eos = getattr(cfg, "eos_token_id", None)
+    return artifact.Manifest(
+        method=lm.method, params=lm.params.as_dict(), max_len=lm.max_len, dtype=lm.dtype,
+        opset=mesa_op.OPSET, vocab_size=a.vocab_size, num_hidden_layers=a.num_hidden_layers,
+        num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
+        largest_distance=mesa.largest_distance(lm.max_len, lm.params, lm.method),
+        inputs=tensor_specs(model.graph.inputs), outputs=tensor_specs(model.graph.outputs),
+        source={"model": source_name, "path": str(lm.path), "architecture": cfg.architectures[0],
+                "config_sha256": config_hash(lm.path)},
+        bos_token_id=getattr(cfg, "bos_token_id", None),
+        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        tokenizer=(lm.path / "tokenizer.json").is_file() or (lm.path / "tokenizer.model").is_file(),
+        passes=passes, target=target, exporter_version=EXPORTER_VERSION,
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def save_model(model: ir.Model, directory: Path) -> None:
+    proto = ir.serde.serialize_model(model)
+    big = sum(t.raw_data.__len__() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, directory / artifact.MODEL_FILE, save_as_external_data=big,
+                    all_tensors_to_one_file=True, location=artifact.MODEL_FILE + ".data")
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool):
+    """Yield a temporary sibling directory; rename it to `out` only when the body finishes.
+
+    Anything that stops the body (an exception, Ctrl-C, a full disk) removes the temporary
+    directory, so `out` is either the previous content or a complete engine — never half-written.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_engine(directory: Path, model: ir.Model, manifest: artifact.Manifest, source: Path) -> None:
+    """Write model, tokenizer files and, last, the manifest into `directory`."""
+    save_model(model, directory)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+    (directory / artifact.MANIFEST).write_text(manifest.to_json())
+
