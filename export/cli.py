@@ -117,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest = onnx_export.make_manifest(lm, model, args.model, passes, target="portable")
         with onnx_export.atomic_directory(out, args.force) as tmp:
             bar.set_description("export: save")
-            onnx_export.write_engine(tmp, model, manifest, path)
+            onnx_export.write_engine(tmp, model, path)
             bar.update()
             bar.set_description("export: verify")
             report = "skipped (--no-verify)" if args.no_verify else verify.verify_engine(tmp, lm)
+            onnx_export.write_manifest(tmp, manifest)  # last: only a verified directory gets one
             bar.update()
         bar.close()
     except (loading.ModelLoadError, mesa.MesaParamError, FileExistsError) as e:

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-from runtime.mesa import MesaParamError, MesaParams, RopeConfig
+from export.model import RopeConfig
+from runtime.mesa import MesaParamError, MesaParams
 
 
 class ModelLoadError(Exception):

@@ -19,6 +19,23 @@ from torch import Tensor, nn
 from runtime import mesa
 
 
+@dataclass(frozen=True)
+class RopeConfig:
+    head_dim: int
+    rope_theta: float = 10000.0
+    linear_factor: float = 1.0  # rope_scaling {"rope_type": "linear", "factor": f}
+
+
+def rope_tables(max_len: int, rope: RopeConfig) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, head_dim // 2], float32, with HF Llama's exact torch expressions: a numpy
+    pow can differ from torch's by one ulp in inv_freq, which grows with the position."""
+    d = rope.head_dim
+    inv_freq = 1.0 / (rope.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d))
+    inv_freq = inv_freq / rope.linear_factor
+    angles = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
@@ -29,12 +46,12 @@ class ModelArgs:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope: mesa.RopeConfig
+    rope: RopeConfig
     attention_bias: bool = False  # Qwen2: q/k/v projections have biases
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_hf_config(cls, config, rope: mesa.RopeConfig) -> "ModelArgs":
+    def from_hf_config(cls, config, rope: RopeConfig) -> "ModelArgs":
         heads = config.num_attention_heads
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         return cls(
@@ -178,9 +195,10 @@ class MesaDecoder(nn.Module):
 
     def reset_rope_tables(self) -> None:
         """RoPE cos/sin for [0, max_len) (the exported initializers); call again after a meta-device build."""
-        cos, sin = mesa.rope_tables(self.max_len, self.args.rope)
-        self.register_buffer("rope_cos", torch.tensor(cos, device="cpu"), persistent=False)
-        self.register_buffer("rope_sin", torch.tensor(sin, device="cpu"), persistent=False)
+        with torch.device("cpu"):
+            cos, sin = rope_tables(self.max_len, self.args.rope)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids: Tensor, k_cache: Tensor, v_cache: Tensor, sink_len: Tensor,
                 window_start: Tensor, write_pos: Tensor, chunk_width: Tensor, logits_to_keep: Tensor):

@@ -153,11 +153,13 @@ def atomic_directory(out: Path, force: bool):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_engine(directory: Path, model: ir.Model, manifest: artifact.Manifest, source: Path) -> None:
-    """Write model, tokenizer files and, last, the manifest into `directory`."""
+def write_engine(directory: Path, model: ir.Model, source: Path) -> None:
+    """Write the model and the source's tokenizer files into `directory` (the manifest comes later)."""
     save_model(model, directory)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, directory / name)
-    (directory / artifact.MANIFEST).write_text(manifest.to_json())
 
+
+def write_manifest(directory: Path, manifest: artifact.Manifest) -> None:
+    (directory / artifact.MANIFEST).write_text(manifest.to_json())

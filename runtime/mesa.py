@@ -68,9 +68,9 @@ class MesaParams:
 
 
 def origin_params(max_len: int) -> MesaParams:
-    """Plain RoPE as a special case of the formulas: with T = max_len no call ever has S > T, so
-    positions are the identity and the log-n factor is 1."""
-    return MesaParams(train_length=max_len, first_chunk=1, first_chunk_cache=0, last_context=0,
+    """Plain RoPE as a special case of the formulas: with T = max_len + 1 no call ever has S > T
+    (positions are the identity) and ln(i+1) < ln T for every query, so the log-n factor is exactly 1."""
+    return MesaParams(train_length=max_len + 1, first_chunk=1, first_chunk_cache=0, last_context=0,
                       reserve_tokens=0, push_width=1)
 
 
@@ -214,24 +214,6 @@ def largest_distance(max_len: int, p: MesaParams, method: Method = "mesa") -> in
     return best
 
 
-@dataclass(frozen=True)
-class RopeConfig:
-    head_dim: int
-    rope_theta: float = 10000.0
-    linear_factor: float = 1.0  # rope_scaling {"rope_type": "linear", "factor": f}
-
-
-def rope_tables(max_len: int, rope: RopeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [max_len, head_dim // 2] in float32, computed the way HF Llama does (float32 angles)."""
-    d = rope.head_dim
-    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(rope.rope_theta), exponent)).astype(np.float32)
-    if rope.linear_factor != 1.0:
-        inv_freq = (inv_freq / np.float32(rope.linear_factor)).astype(np.float32)
-    angles = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
 def check_request(prompt_len: int, max_new_tokens: int, max_len: int, p: MesaParams,
                   method: Method = "mesa") -> list[Step]:
     """The prefill plan of a request, or MesaParamError saying why it cannot run."""
@@ -242,7 +224,7 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, p: MesaPar
 
 
 __all__ = [
-    "METHODS", "MesaParamError", "MesaParams", "RopeConfig", "SPLIT_REMAINDER_LIMIT", "Step",
+    "METHODS", "MesaParamError", "MesaParams", "SPLIT_REMAINDER_LIMIT", "Step",
     "check_request", "decode_step", "dynamic_split", "key_positions", "largest_distance", "logn_scale",
-    "max_distance", "origin_params", "prefill_steps", "rope_tables",
+    "max_distance", "origin_params", "prefill_steps",
 ]

@@ -102,3 +102,20 @@ def export_engine(model_dir: Path, out: Path, max_len: int, extra: list[str] = (
     code = main(["--model", str(model_dir), "--max-len", str(max_len), "--out", str(out), *extra])
     assert code == 0, f"export exited with {code}"
     return out
+
+
+_ENGINES: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def official_engine(tmp_path_factory):
+    """official_engine(name) -> an engine directory exported once per test session from that case."""
+
+    def get(name: str) -> Path:
+        if name not in _ENGINES:
+            case = load_official(name)
+            out = tmp_path_factory.mktemp("engines") / name
+            _ENGINES[name] = export_engine(case.model_dir, out, case.max_len, case.export_args())
+        return _ENGINES[name]
+
+    return get

@@ -1,0 +1,162 @@
+"""The exported ONNX step graph, run by ONNX Runtime through the Mesa plan, and the export CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from runtime import artifact, mesa, scheduler
+from runtime.backends import OrtStep
+from runtime.kv_cache import CacheShape, KVCache
+from tests.conftest import OfficialCase, export_engine, tiny_checkpoint
+from tests.test_reference import greedy_sequence, hf_logits, reference, run_fixture
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ort_runner(engine: Path):
+    m = artifact.load_manifest(engine)
+    cache = KVCache(CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim))
+    return OrtStep(engine / artifact.MODEL_FILE), cache
+
+
+def test_official_fixture_through_onnx(official_case: OfficialCase, official_engine):
+    engine = official_engine(official_case.name)
+    prefill, decode, seq = run_fixture(*ort_runner(engine), official_case)
+    dp = np.abs(prefill - official_case.prefill_logits).max()
+    dd = np.abs(decode - official_case.decode_logits).max()
+    print(f"{official_case.name} (ONNX Runtime): prefill max|dlogit| {dp:.2e}, decode {dd:.2e}")
+    assert dp <= TOL and dd <= TOL
+    assert decode.argmax(-1).tolist() == official_case.argmax_tokens
+    # and the reference decoder agrees with the engine
+    ref_prefill, ref_decode, _ = run_fixture(*reference(official_case.model_dir, official_case.params,
+                                                        official_case.max_len), official_case)
+    assert np.abs(prefill - ref_prefill).max() <= TOL and np.abs(decode - ref_decode).max() <= TOL
+
+
+def test_engine_directory(official_engine):
+    engine = official_engine("a_L300_gqa")
+    m = json.loads((engine / artifact.MANIFEST).read_text())
+    assert m["format_version"] == artifact.FORMAT_VERSION and m["opset"] >= 24
+    assert m["params"]["push_width"] == 4 and m["max_len"] == 332
+    assert [i["name"] for i in m["inputs"]] == list(artifact.STEP_INPUTS)
+    assert m["largest_distance"] == mesa.largest_distance(332, artifact.Manifest.from_dict(m).mesa_params)
+    model = onnx.load(engine / artifact.MODEL_FILE)
+    assert sum(n.op_type == "MesaAttention" and n.domain == "ai.mesa" for n in model.graph.node) == 2 or \
+        "lower" in " ".join(m["passes"])
+    assert any(f.name == "MesaAttention" for f in model.functions) or "lower" in " ".join(m["passes"])
+    cache = next(i for i in model.graph.input if i.name == "k_cache")
+    dims = [d.dim_value or d.dim_param for d in cache.type.tensor_type.shape.dim]
+    assert dims == [2, "batch", 2, 332, 16]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_origin_engine_equals_transformers(tiny, tmp_path):
+    engine = export_engine(tiny, tmp_path / "origin", 240, ["--method", "origin"])
+    step, cache = ort_runner(engine)
+    for length in (3, 64, 200):  # T = 64: below, at and far beyond the trained length
+        ids = np.random.default_rng(length).integers(0, 96, length, dtype=np.int64)
+        cache = KVCache(cache.shape)
+        ours, tokens = greedy_sequence(step, cache, ids, mesa.prefill_steps(length, mesa.origin_params(240), "origin"), 5)
+        assert np.abs(ours - hf_logits(tiny, tokens)).max() <= TOL
+
+
+# ------------------------------------------------------------------------------ CLI errors
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "export.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+
+
+def assert_one_clear_line(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_cli_unknown_alias(tmp_path):
+    assert_one_clear_line(run_cli("--model", "llama9-70b", "--max-len", "64", "--out", str(tmp_path / "o")),
+                          "llama9-70b")
+
+
+def test_cli_alias_not_downloaded(tmp_path):
+    r = run_cli("--model", "llama2-7b", "--max-len", "64", "--out", str(tmp_path / "o"),
+                env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    assert_one_clear_line(r, "meta-llama/Llama-2-7b-hf")
+
+
+def test_cli_missing_weights(tmp_path, tiny):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny / "config.json").read_text())
+    assert_one_clear_line(run_cli("--model", str(folder), "--max-len", "64", "--out", str(tmp_path / "o")),
+                          str(folder))
+
+
+def test_cli_unsupported_architecture(tmp_path):
+    import transformers
+
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert_one_clear_line(run_cli("--model", str(tmp_path / "gpt2"), "--max-len", "64", "--out",
+                                  str(tmp_path / "o")), "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--max-len", "0"], "--max-len"),
+    (["--max-len", "3"], "first chunk"),
+    (["--max-len", "200", "--first-chunk-cache", "0"], "W="),  # W = T - F, so W + F = T
+    (["--max-len", "200", "--train-length", "8", "--first-chunk", "8"], "first_chunk"),
+])
+def test_cli_bad_lengths_and_parameters(tmp_path, tiny, flags, fragment):
+    assert_one_clear_line(run_cli("--model", str(tiny), "--out", str(tmp_path / "o"), "--first-chunk", "4",
+                                  *flags), fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_existing_directory_needs_force(tmp_path, tiny):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_clear_line(run_cli("--model", str(tiny), "--max-len", "64", "--out", str(out)), "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cli_help_names_the_paper_symbols():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for sym in ("T:", "F:", "Fc:", "C:", "G:", "pw:", "W0:"):
+        assert sym in r.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_export_leaves_nothing_complete(tmp_path, tiny, sig):
+    out = tmp_path / "engine"
+    proc = subprocess.Popen([sys.executable, str(REPO / "export.py"), "--model", str(tiny), "--max-len", "64",
+                             "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # wait until the export is under way (its temporary directory exists), then interrupt it
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".engine.partial-*")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert not out.exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and not list(tmp_path.glob(".engine.partial-*"))
+    for partial in tmp_path.glob(".engine.partial-*"):  # SIGKILL cannot clean up: never a manifest
+        assert not (partial / artifact.MANIFEST).exists()
