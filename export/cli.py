@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections import Counter
 from pathlib import Path
@@ -115,12 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         bar.update()
 
         manifest = onnx_export.make_manifest(lm, model, args.model, passes, target="portable")
+        ops = Counter(n.op_type for n in model.graph)
+        smoke = None if args.no_verify else verify.reference_run(lm)
         with onnx_export.atomic_directory(out, args.force) as tmp:
             bar.set_description("export: save")
             onnx_export.write_engine(tmp, model, path)
+            model = lm = None  # free the weights before ONNX Runtime loads its own copy
+            gc.collect()
             bar.update()
             bar.set_description("export: verify")
-            report = "skipped (--no-verify)" if args.no_verify else verify.verify_engine(tmp, lm)
+            report = "skipped (--no-verify)" if smoke is None else verify.check_engine(tmp, smoke)
             onnx_export.write_manifest(tmp, manifest)  # last: only a verified directory gets one
             bar.update()
         bar.close()
@@ -135,13 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing written", file=sys.stderr)
         return 130
 
-    print(summary(out, manifest, model, report))
+    print(summary(out, manifest, ops, report))
     return 0
 
 
-def summary(out: Path, manifest, model, report: str) -> str:
+def summary(out: Path, manifest, ops: Counter, report: str) -> str:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    ops = Counter(n.op_type for n in model.graph)
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
     p = manifest.params
     lines = [

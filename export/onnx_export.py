@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 
@@ -120,10 +119,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def save_model(model: ir.Model, directory: Path) -> None:
-    proto = ir.serde.serialize_model(model)
-    big = sum(t.raw_data.__len__() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, directory / artifact.MODEL_FILE, save_as_external_data=big,
-                    all_tensors_to_one_file=True, location=artifact.MODEL_FILE + ".data")
+    """Weights above EXTERNAL_DATA_BYTES go to one external file, streamed tensor by tensor (no
+    second in-memory copy, no 2 GB protobuf limit)."""
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = artifact.MODEL_FILE + ".data" if weights > EXTERNAL_DATA_BYTES else None
+    ir.save(model, directory / artifact.MODEL_FILE, external_data=external)
 
 
 @contextmanager

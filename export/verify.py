@@ -1,8 +1,13 @@
 """Built-in export verification: the full ONNX checker, then one short prompt on ONNX Runtime CPU
-compared with the eager reference decoder (first chunk, last chunk, one decode step)."""
+compared with the eager reference decoder (first chunk, last chunk, one decode step).
+
+The reference runs before the engine is saved and its logits are kept, so the torch weights can be freed
+before ONNX Runtime loads its copy: an export never holds two copies of the weights.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,30 +27,48 @@ class VerificationError(Exception):
     pass
 
 
-def smoke_run(step_fn, ids: np.ndarray, lm) -> np.ndarray:
-    a = lm.model.args
-    cache = KVCache(CacheShape(a.num_hidden_layers, a.num_key_value_heads, lm.max_len, a.head_dim),
-                    dtype=np.float16 if lm.dtype == "fp16" else np.float32)
-    steps = mesa.prefill_steps(len(ids), lm.params, lm.method)
-    logits, seq = scheduler.prefill(step_fn, ids, steps, cache)
+@dataclass
+class Smoke:
+    ids: np.ndarray
+    steps: list[mesa.Step]
+    cache_shape: CacheShape
+    cache_dtype: type
+    dtype: str
+    logits: np.ndarray | None = None  # the reference's: prompt positions + one decode step
+
+
+def smoke_run(step_fn, smoke: Smoke) -> np.ndarray:
+    cache = KVCache(smoke.cache_shape, dtype=smoke.cache_dtype)
+    logits, seq = scheduler.prefill(step_fn, smoke.ids, smoke.steps, cache)
     row = scheduler.decode(step_fn, int(np.argmax(logits[-1])), seq, cache)
     return np.concatenate([logits, row[None]], axis=0)
 
 
-def verify_engine(directory: Path, lm) -> str:
+def reference_run(lm) -> Smoke:
+    """The reference decoder on a short random prompt that has a first and a last chunk."""
+    a = lm.model.args
+    n = max(1, min(lm.max_len - 1, lm.params.first_chunk + 4))
+    smoke = Smoke(ids=np.random.default_rng(0).integers(0, a.vocab_size, n, dtype=np.int64),
+                  steps=mesa.prefill_steps(n, lm.params, lm.method),
+                  cache_shape=CacheShape(a.num_hidden_layers, a.num_key_value_heads, lm.max_len, a.head_dim),
+                  cache_dtype=np.float16 if lm.dtype == "fp16" else np.float32, dtype=lm.dtype)
+    if lm.dtype != "bf16":  # ORT CPU has no bfloat16 kernels: nothing to compare against
+        smoke.logits = smoke_run(TorchStep(lm.model), smoke)
+    return smoke
+
+
+def check_engine(directory: Path, smoke: Smoke) -> str:
     model_path = Path(directory) / artifact.MODEL_FILE
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise VerificationError(f"onnx.checker: {e}") from None
-    n = max(1, min(lm.max_len - 1, lm.params.first_chunk + 4))
-    ids = np.random.default_rng(0).integers(0, lm.model.args.vocab_size, n, dtype=np.int64)
-    if lm.dtype == "bf16":
+    if smoke.logits is None:
         return "onnx.checker ok; ORT smoke step skipped (ONNX Runtime CPU has no bfloat16 kernels)"
-    ours = smoke_run(OrtStep(model_path), ids, lm)
-    ref = smoke_run(TorchStep(lm.model), ids, lm)
-    diff = float(np.abs(ours - ref).max())
-    bound = TOLERANCE[lm.dtype] * max(1.0, float(np.abs(ref).max()))
+    ours = smoke_run(OrtStep(model_path), smoke)
+    diff = float(np.abs(ours - smoke.logits).max())
+    bound = TOLERANCE[smoke.dtype] * max(1.0, float(np.abs(smoke.logits).max()))
     if not diff <= bound:
         raise VerificationError(f"ORT and the reference decoder differ by {diff:.3g} (allowed {bound:.3g})")
-    return f"onnx.checker ok; ORT vs reference on {n} prompt tokens + 1 decode step: max |dlogit| {diff:.2g}"
+    return (f"onnx.checker ok; ORT vs reference on {len(smoke.ids)} prompt tokens + 1 decode step: "
+            f"max |dlogit| {diff:.2g}")

@@ -160,3 +160,19 @@ def test_interrupted_export_leaves_nothing_complete(tmp_path, tiny, sig):
         assert proc.returncode == 130 and not list(tmp_path.glob(".engine.partial-*"))
     for partial in tmp_path.glob(".engine.partial-*"):  # SIGKILL cannot clean up: never a manifest
         assert not (partial / artifact.MANIFEST).exists()
+
+
+def test_external_data_engine_runs(tiny, tmp_path, monkeypatch):
+    """Checkpoints above the protobuf limit go to model.onnx.data; force that path on a tiny model."""
+    from export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    engine = export_engine(tiny, tmp_path / "ext", 80)
+    assert (engine / "model.onnx.data").stat().st_size > (engine / "model.onnx").stat().st_size
+    step, cache = ort_runner(engine)
+    ids = np.arange(1, 40, dtype=np.int64)
+    params = artifact.load_manifest(engine).mesa_params
+    ours, _ = scheduler.prefill(step, ids, mesa.prefill_steps(len(ids), params), cache)
+    ref_step, ref_cache = reference(tiny, params, 80)
+    ref, _ = scheduler.prefill(ref_step, ids, mesa.prefill_steps(len(ids), params), ref_cache)
+    assert np.abs(ours - ref).max() <= TOL
