@@ -100,8 +100,8 @@ def evaluate(engine, task: Task, length: int, mode: str, n: int, seed: int = 0, 
     hits = 0
     for i in range(0, n, batch):
         chunk = cases[i:i + batch]
-        outputs = engine.generate([p for p, _ in chunk], max_new_tokens=task.n_digits, greedy=True)
-        hits += sum(list(out) == answer for out, (_, answer) in zip(outputs, chunk))
+        outputs = engine.generate([p for p, _ in chunk], max_new_tokens=task.n_digits, stop_tokens=())
+        hits += sum(out.tokens == answer for out, (_, answer) in zip(outputs, chunk))
     return hits
 
 
