@@ -53,8 +53,8 @@ def plot(cells: list[passkey.Cell], path: Path) -> None:
             pts = sorted((c.length, c) for c in cells if c.mode == mode and c.engine == name)
             xs = [L for L, _ in pts]
             ys = [c.accuracy for _, c in pts]
-            lo = [c.accuracy - passkey.wilson_interval(c.hits, c.n)[0] for _, c in pts]
-            hi = [passkey.wilson_interval(c.hits, c.n)[1] - c.accuracy for _, c in pts]
+            lo = [max(0.0, c.accuracy - passkey.wilson_interval(c.hits, c.n)[0]) for _, c in pts]
+            hi = [max(0.0, passkey.wilson_interval(c.hits, c.n)[1] - c.accuracy) for _, c in pts]
             style = dict(color="black", linestyle="--") if name == "origin" else {}
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name, **style)
         ax.axvline(256, color="grey", linewidth=0.8)
@@ -79,11 +79,17 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 768, 1024, 2048])
     p.add_argument("--out", default=str(REPO / "scripts" / "results" / "passkey"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot-only", action="store_true", help="redraw passkey.png from the --out folder's passkey.json")
     args = p.parse_args(argv)
     from runtime.engine import MesaEngine
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        fields = ("engine", "mode", "length", "n", "hits")
+        rows = json.loads((out / "passkey.json").read_text())
+        plot([passkey.Cell(**{k: r[k] for k in fields}) for r in rows], out / "passkey.png")
+        return 0
     task = passkey.Task.load(TRAINED / "task.json")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = export_all(TRAINED / "model", Path(tmp), max(args.lengths) + 8)
