@@ -1,14 +1,15 @@
 """Runs one sequence through a Mesa schedule on any backend.
 
 A backend is a callable `step(input_ids [1, q] int64, step: mesa.Step, logits_to_keep: int,
-cache: KVCache) -> (logits [1, n, vocab], new_k, new_v)`; the scheduler walks the plan from
-runtime.mesa and writes each step's new K/V rows into the cache at the step's write position.
+cache) -> (logits [1, n, vocab], new_k, new_v)`; the scheduler walks the plan from runtime.mesa and
+writes each step's new K/V rows into the cache at the step's write position. The cache is a KVCache
+or any object with its `write(pos, new_k, new_v)` (backends.DeviceKVCache keeps it on a GPU).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -54,14 +55,3 @@ def decode(step_fn: StepFn, token: int, seq: Sequence, cache: KVCache) -> np.nda
     seq.length += 1
     return logits[0, -1]
 
-
-def greedy(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cache: KVCache,
-           max_new_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Greedy decoding: yields (token, logits that chose it) — the prefill's last row first."""
-    logits, seq = prefill(step_fn, input_ids, steps, cache, all_logits=False)
-    row = logits[-1]
-    for i in range(max_new_tokens):
-        token = int(np.argmax(row))
-        yield token, row
-        if i + 1 < max_new_tokens:
-            row = decode(step_fn, token, seq, cache)

@@ -1,0 +1,194 @@
+"""`python -m runtime.generate` and `python -m runtime.score`: the published fixtures end to end,
+text in and out, progress, errors (exit 2, one line, no traceback), and serving without torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import OFFICIAL_CASES, load_official
+
+from runtime import generate, score
+from runtime.engine import MesaEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+GPU = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
+
+
+def cli(module: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("name", OFFICIAL_CASES)
+def test_official_case_through_the_cli(official_engine, tmp_path, name):
+    case = load_official(name)
+    ids_file, out = tmp_path / "ids.json", tmp_path / "out.npz"
+    ids_file.write_text(json.dumps(case.input_ids.tolist()))
+    proc = cli("runtime.generate", official_engine(name), "--input-ids-file", ids_file, "--greedy",
+               "--max-new-tokens", 17, "--save-logits", out)
+    assert proc.returncode == 0, proc.stderr
+    saved = np.load(out)
+    assert saved["prefill_logits"].shape == case.prefill_logits.shape
+    assert np.abs(saved["prefill_logits"] - case.prefill_logits).max() <= TOL
+    assert saved["decode_logits"].shape == (16, case.decode_logits.shape[1])
+    assert np.abs(saved["decode_logits"] - case.decode_logits).max() <= TOL
+    tokens = saved["tokens"].tolist()
+    assert tokens[0] == case.fed_tokens[0] and tokens[1:] == case.argmax_tokens
+    assert proc.stdout.split() == [str(t) for t in tokens]
+    if not GPU:
+        assert "backend: ort-cpu (chosen by --backend auto)" in proc.stderr
+
+
+def test_batch_json_equals_rows_alone(official_engine, tmp_path, capsys):
+    case, engine_dir = load_official("a_L300_gqa"), official_engine("a_L300_gqa")
+    rows = [case.input_ids[:7].tolist(), case.input_ids[:220].tolist(), case.input_ids[50:120].tolist()]
+    (tmp_path / "batch.json").write_text(json.dumps(rows))
+    sampling = ["--temperature", "0.7", "--top-k", "40", "--seed", "4"]
+    assert generate.main([str(engine_dir), "--input-ids-file", str(tmp_path / "batch.json"), "--max-new-tokens", "6",
+                          "--ignore-eos", "--json", "--backend", "ort-cpu", *sampling]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    engine = MesaEngine.load(engine_dir, backend="ort-cpu")
+    for row, res in zip(rows, results):
+        alone = engine.generate(row, 6, temperature=0.7, top_k=40, seed=4, stop_tokens=())
+        assert res["tokens"] == alone.tokens and res["prompt_tokens"] == len(row)
+
+
+def test_prefill_progress_for_long_prompts(official_engine, tmp_path, capsys, monkeypatch):
+    case = load_official("a_L300_gqa")
+    (tmp_path / "ids.json").write_text(json.dumps(case.input_ids.tolist()))
+    monkeypatch.setattr(generate, "PROGRESS_MIN_TOKENS", 100)  # the fixtures are shorter than a real long prompt
+    assert generate.main([str(official_engine("a_L300_gqa")), "--input-ids-file", str(tmp_path / "ids.json"),
+                          "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill:" in err and "tok/s" in err  # the live bar
+    assert "prefill 300 tokens in" in err and "ms/token" in err  # the summary
+
+
+# ------------------------------------------------------------------------------ text in, text out
+
+WORDS = [f"w{i}" for i in range(500)]
+
+
+@pytest.fixture(scope="module")
+def text_engine(official_engine, tmp_path_factory):
+    """The a_L300 engine with a word-level tokenizer.json over its 512-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory = tmp_path_factory.mktemp("text") / "engine"
+    shutil.copytree(official_engine("a_L300_gqa"), directory)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_text_in_text_out(text_engine, capsys):
+    engine = MesaEngine.load(text_engine, backend="ort-cpu")
+    prompt = " ".join(WORDS[i] for i in range(0, 400, 3))
+    ids = engine.encode(prompt)
+    assert ids == [int(w[1:]) + 3 for w in prompt.split()]
+    g = engine.generate(prompt, 10, stop_tokens=())
+    assert g.tokens == engine.generate(ids, 10, stop_tokens=()).tokens
+    assert g.text == engine.decode(g.tokens) and g.text.split()[0].startswith("w")
+    assert generate.main([str(text_engine), "--prompt", prompt, "--max-new-tokens", "10", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out.strip() == g.text
+
+
+def test_score_cli_prints_perplexity(text_engine, tmp_path):
+    engine = MesaEngine.load(text_engine, backend="ort-cpu")
+    text = " ".join(WORDS[i] for i in range(7, 500, 2))
+    (tmp_path / "t.txt").write_text(text)
+    proc = cli("runtime.score", text_engine, "--text-file", tmp_path / "t.txt", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ids = engine.encode(text)
+    out = json.loads(proc.stdout)
+    assert out["tokens"] == len(ids) == 247
+    assert out["perplexity"] == pytest.approx(score.perplexity(engine.score(ids), ids), rel=1e-5)
+    assert score.main([str(text_engine), "--text-file", str(tmp_path / "t.txt")]) == 0
+
+
+# ------------------------------------------------------------------------------ errors
+
+def error_cases(engine_dir: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    ids = tmp / "ids.json"
+    ids.write_text(json.dumps(list(range(300))))
+    floats, bad_json, batch = tmp / "floats.json", tmp / "bad.json", tmp / "batch.json"
+    floats.write_text("[1.5, 2]")
+    bad_json.write_text("[1, 2")
+    batch.write_text("[[1, 2], [3]]")
+    incomplete = tmp / "incomplete"
+    shutil.copytree(engine_dir, incomplete)
+    (incomplete / "model.onnx").unlink()
+    e = str(engine_dir)
+    return {
+        "too long": ([e, "--input-ids-file", str(ids), "--max-new-tokens", "40"], "exceeds max_len 332"),
+        "empty prompt": ([e, "--prompt", ""], "has no tokenizer.json"),
+        "empty ids": ([e, "--input-ids-file", str(tmp / "empty.json")], "empty prompt"),
+        "id outside vocab": ([e, "--input-ids-file", str(tmp / "big.json")], "token id 600 is outside"),
+        "float ids": ([e, "--input-ids-file", str(floats)], "must be integers"),
+        "not JSON": ([e, "--input-ids-file", str(bad_json)], "is not JSON"),
+        "ids file missing": ([e, "--input-ids-file", str(tmp / "nope.json")], "No such file"),
+        "greedy and temperature": ([e, "--input-ids-file", str(ids), "--greedy", "--temperature", "0.5"],
+                                   "--greedy cannot be combined with --temperature"),
+        "bad top-p": ([e, "--input-ids-file", str(ids), "--top-p", "1.5"], "top_p must be in"),
+        "save-logits of a batch": ([e, "--input-ids-file", str(batch), "--save-logits", str(tmp / "o.npz")],
+                                   "--save-logits takes one prompt"),
+        "engine missing": ([str(tmp / "nowhere"), "--input-ids-file", str(ids)], "does not exist"),
+        "engine incomplete": ([str(incomplete), "--input-ids-file", str(ids)], "model.onnx is missing"),
+        "no new tokens": ([e, "--input-ids-file", str(ids), "--max-new-tokens", "0"], "positive integer"),
+    }
+
+
+@pytest.fixture(scope="module")
+def errors(official_engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    (tmp / "empty.json").write_text("[]")
+    (tmp / "big.json").write_text("[1, 600]")
+    return error_cases(official_engine("a_L300_gqa"), tmp)
+
+
+@pytest.mark.parametrize("name", ["too long", "empty prompt", "empty ids", "id outside vocab", "float ids",
+                                  "not JSON", "ids file missing", "greedy and temperature", "bad top-p",
+                                  "save-logits of a batch", "engine missing", "engine incomplete", "no new tokens"])
+def test_generate_errors_exit_2_with_one_line(errors, capsys, name):
+    argv, message = errors[name]
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+def test_errors_in_a_subprocess_have_no_traceback(errors, official_engine, tmp_path):
+    for name in ("too long", "engine incomplete"):
+        argv, message = errors[name]
+        proc = cli("runtime.generate", *argv)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    if not GPU:
+        proc = cli("runtime.generate", official_engine("a_L300_gqa"), "--prompt", "x", "--backend", "ort-cuda")
+        assert proc.returncode == 2 and "backend ort-cuda is not installed" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    (tmp_path / "one.json").write_text("[5]")
+    proc = cli("runtime.score", official_engine("a_L300_gqa"), "--input-ids-file", tmp_path / "one.json")
+    assert proc.returncode == 2 and "at least 2 tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serving_imports_no_torch(official_engine):
+    code = (
+        "import sys, numpy as np\n"
+        "import runtime.engine, runtime.generate, runtime.score\n"
+        f"e = runtime.engine.MesaEngine.load({str(official_engine('a_L5_gqa'))!r}, backend='auto')\n"
+        "e.generate(np.arange(5), 3); e.score(np.arange(5))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
