@@ -74,7 +74,7 @@ def tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overr
 
     base = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                rms_norm_eps=1e-6, tie_word_embeddings=False)
+                rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2)
     base.update(overrides)
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
