@@ -39,7 +39,13 @@ def parser() -> argparse.ArgumentParser:
                    help="mesa (default, the published method) or origin (plain RoPE, full attention)")
     for flag, _, sym, text in PARAM_FLAGS:
         p.add_argument(flag, type=int, default=None, metavar=sym, help=f"{sym}: {text}")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weight/activation type")
+    p.add_argument("--target", choices=("portable", "ort-cpu", "ort-cuda", "tensorrt"), default="ort-cpu",
+                   help="backend the graph passes optimise for: ort-cpu (default), ort-cuda, tensorrt, or portable "
+                        "(no passes: the MesaAttention function runs as is on any ONNX Runtime)")
+    p.add_argument("--quantize", choices=("none", "int4"), default="none",
+                   help="int4: weight-only int4 MatMulNBits (ort-cpu; faster decode, approximate logits)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="weight/activation type (default fp16 for ort-cuda and tensorrt, else fp32)")
     p.add_argument("--opset", type=int, default=24, choices=(24,),
                    help="ONNX opset of the model and of the MesaAttention function body")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -83,6 +89,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.dtype = args.dtype or ("fp16" if args.target in ("ort-cuda", "tensorrt") else "fp32")
     out = Path(args.out)
     if out.exists() and not args.force:
         return fail(f"{out} exists; pass --force to replace it")
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from export import loading, onnx_export, verify
+    from graph_ops import pipeline, precision
     from runtime import mesa
 
     stages = ["load", "trace", "passes", "save", "verify"]
@@ -112,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         model = onnx_export.trace(lm)
         bar.update()
         bar.set_description("export: passes")
-        passes: list[str] = []
+        passes = pipeline.run_passes(model, args.target, args.quantize,
+                                     progress=lambda name: bar.set_description(f"export: passes ({name})"))
         bar.update()
 
-        manifest = onnx_export.make_manifest(lm, model, args.model, passes, target="portable")
+        manifest = onnx_export.make_manifest(lm, model, args.model, passes, target=args.target)
         ops = Counter(n.op_type for n in model.graph)
         smoke = None if args.no_verify else verify.reference_run(lm)
         with onnx_export.atomic_directory(out, args.force) as tmp:
@@ -125,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             bar.update()
             bar.set_description("export: verify")
-            report = "skipped (--no-verify)" if smoke is None else verify.check_engine(tmp, smoke)
+            check = precision.check_quantized if args.quantize != "none" else verify.check_engine
+            report = "skipped (--no-verify)" if smoke is None else check(tmp, smoke)
             onnx_export.write_manifest(tmp, manifest)  # last: only a verified directory gets one
             bar.update()
         bar.close()
-    except (loading.ModelLoadError, mesa.MesaParamError, FileExistsError) as e:
+    except (loading.ModelLoadError, mesa.MesaParamError, FileExistsError, pipeline.PassError) as e:
         bar.close()
         return fail(str(e))
     except verify.VerificationError as e:

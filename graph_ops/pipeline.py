@@ -1,0 +1,123 @@
+"""The graph passes applied at export, per target backend.
+
+`run_passes(model, target)` rewrites the traced step graph in place and returns the names of the
+passes it applied (the manifest records them). Each pass lives in its own file:
+
+| pass | file | what it does |
+|---|---|---|
+| lower_attention[k] | lower_attention.py | MesaAttention -> visible rows + step positions + kernel k |
+| fuse_step_positions | step_positions.py | one positions/scale/mask subgraph per step for all layers |
+| inline_parts | inline_parts.py | the ai.mesa parts expanded into standard ops |
+| cleanup | cleanup.py | constant folding, CSE, dead nodes, shape inference |
+| quantize_int4 | precision.py | weight-only int4 MatMulNBits (ort-cpu, opt-in) |
+| check_half_precision | precision.py | GPU targets: warns when the weights are not fp16/bf16 |
+| check_tensorrt_ops | tensorrt_ops.py | fails listing any op the TensorRT 10.15 parser lacks |
+
+Targets:
+
+- portable: no passes; ai.mesa::MesaAttention runs its ONNX function body on any ONNX Runtime.
+- ort-cpu: kernel `ORT_CPU_KERNEL` = auto (chosen by measurement): contrib GroupQueryAttention for
+  prefill chunks, ONNX Attention + RotaryEmbedding for decode steps, switched by an If per step.
+- ort-cuda: ONNX Attention 23/24 + RotaryEmbedding 23 (registered by ORT's CUDA EP), half weights.
+- tensorrt: the decomposed kernel (elementary ops only), checked against TensorRT's operator list.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx_ir as ir
+
+from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, precision, step_positions, tensorrt_ops
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")
+QUANTIZE = ("none", "int4")
+# Measured (scripts/bench_passes.py, model M, 8k prompt, 2-core CPU, medians of 3): prefill / decode at 8k
+# gqa 22.3 s / 119 ms, attention 28.6 s / 82 ms, auto 22.2 s / 85 ms (portable: 36.4 s / 102 ms).
+ORT_CPU_KERNEL = "auto"
+
+
+class PassError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    run: Callable[[ir.Model], None]
+
+
+def _lower(kernel: str) -> GraphPass:
+    def run(model: ir.Model) -> None:
+        lower_attention.lower_attention(model, kernel)
+        left = [n.name for n in model.graph if n.domain == mesa_op.DOMAIN and n.op_type == "MesaAttention"]
+        if left:
+            raise PassError(f"lower_attention[{kernel}] could not lower {len(left)} MesaAttention node(s): "
+                            f"{', '.join(left[:4])}")
+    return GraphPass(f"lower_attention[{kernel}]", run)
+
+
+def _fuse(model: ir.Model) -> None:
+    step_positions.fuse_step_positions(model)
+
+
+def _quantize(model: ir.Model) -> None:
+    if not precision.quantize_int4(model):
+        raise PassError("quantize_int4 found no MatMul with constant weights")
+
+
+def _check_half(model: ir.Model) -> None:
+    report = precision.half_precision_report(model)
+    if report != "ok":
+        logger.warning("warning: %s", report)
+
+
+FUSE = GraphPass("fuse_step_positions", _fuse)
+INLINE = GraphPass("inline_parts", lambda m: inline_parts.inline_parts(m))
+CLEANUP = GraphPass("cleanup", lambda m: cleanup.cleanup(m))
+QUANTIZE_INT4 = GraphPass("quantize_int4", _quantize)
+CHECK_HALF = GraphPass("check_half_precision", _check_half)
+def _check_tensorrt(model: ir.Model) -> None:
+    try:
+        tensorrt_ops.check_tensorrt(model)
+    except tensorrt_ops.UnsupportedByTensorRT as e:
+        raise PassError(str(e)) from None
+
+
+CHECK_TENSORRT = GraphPass("check_tensorrt_ops", _check_tensorrt)
+
+PIPELINES: dict[str, list[GraphPass]] = {
+    "portable": [],
+    "ort-cpu": [_lower(ORT_CPU_KERNEL), FUSE, INLINE, CLEANUP],
+    "ort-cuda": [_lower("attention"), FUSE, INLINE, CLEANUP, CHECK_HALF],
+    "tensorrt": [_lower("decomposed"), FUSE, INLINE, CLEANUP, CHECK_HALF, CHECK_TENSORRT],
+}
+
+
+def passes_for(target: str, quantize: str = "none") -> list[GraphPass]:
+    if target not in PIPELINES:
+        raise PassError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if quantize not in QUANTIZE:
+        raise PassError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    passes = list(PIPELINES[target])
+    if quantize == "int4":
+        if target != "ort-cpu":
+            raise PassError("--quantize int4 (MatMulNBits) is for --target ort-cpu")
+        passes.append(QUANTIZE_INT4)
+    return passes
+
+
+def run_passes(model: ir.Model, target: str, quantize: str = "none",
+               progress: Callable[[str], None] | None = None) -> list[str]:
+    """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
+    applied = []
+    for p in passes_for(target, quantize):
+        if progress is not None:
+            progress(p.name)
+        p.run(model)
+        applied.append(p.name)
+    return applied
