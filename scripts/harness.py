@@ -1,8 +1,7 @@
 """Shared plumbing of the benchmark and evaluation scripts: tokenizers, engine runners, RSS.
 
-Nothing here computes a Mesa formula; plans come from runtime.mesa and are walked by runtime.scheduler.
-Engines are driven with `runtime.scheduler` + `runtime.backends.OrtStep` (the step-function API that
-every backend implements), so the harness works on any exported engine and any method.
+Nothing here computes a Mesa formula: plans come from runtime.mesa and engines run through
+runtime.engine.MesaEngine, so the harness works on any exported engine and any method.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import artifact, mesa, scheduler
-from runtime.kv_cache import CacheShape, KVCache
+from runtime import artifact, mesa
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
@@ -95,29 +93,16 @@ class Run:
 
 
 class Engine:
-    """An exported engine on ONNX Runtime CPU, for the benchmark and the evaluation scripts.
-
-    Uses runtime.engine.MesaEngine when this checkout has it, else runtime.scheduler + OrtStep (the
-    step-function API every backend implements). Either way each prompt runs by its own Mesa plan.
-    """
+    """An exported engine on ONNX Runtime CPU, for the benchmark and the evaluation scripts; each
+    prompt runs by its own Mesa plan."""
 
     def __init__(self, directory: str | Path):
+        from runtime.engine import MesaEngine
+
         self.directory = Path(directory)
         self.manifest = artifact.load_manifest(self.directory)
-        try:
-            from runtime.engine import MesaEngine
-        except ImportError:
-            MesaEngine = None
-        if MesaEngine is not None:
-            self._engine = MesaEngine.load(self.directory, backend="ort-cpu")
-            self.api = "runtime.engine.MesaEngine"
-        else:
-            from runtime.backends import OrtStep
-
-            self._engine = None
-            self._step = OrtStep(self.directory / artifact.MODEL_FILE)
-            self._cache = self._new_cache()
-            self.api = "runtime.scheduler + runtime.backends.OrtStep"
+        self._engine = MesaEngine.load(self.directory, backend="ort-cpu")
+        self.api = "runtime.engine.MesaEngine"
 
     @property
     def params(self) -> mesa.MesaParams:
@@ -133,15 +118,11 @@ class Engine:
     def run(self, ids, max_new_tokens: int = 1, stop_ids: tuple[int, ...] = (), all_logits: bool = False) -> Run:
         """Prefill `ids` by the plan, then greedy-decode until `max_new_tokens` tokens or a stop id."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if self._engine is not None:
-            return self._run_engine(ids, max_new_tokens, stop_ids, all_logits)
-        return self._run_scheduler(ids, max_new_tokens, stop_ids, all_logits)
+        return self._run_engine(ids, max_new_tokens, stop_ids, all_logits)
 
     def score(self, ids) -> np.ndarray:
         """Logits [L, vocab] of every prompt position (row i predicts token i + 1)."""
-        if self._engine is not None:
-            return self._engine.score(np.asarray(ids, dtype=np.int64))
-        return self.run(ids, 1, all_logits=True).logits
+        return self._engine.score(np.asarray(ids, dtype=np.int64))
 
     # ------------------------------------------------------------------------------ internals
 
@@ -167,29 +148,6 @@ class Engine:
             tokens.append(int(token))
         stream.close()
         return Run(tokens, prefill or 0.0, times)
-
-    def _new_cache(self) -> KVCache:
-        m = self.manifest
-        dtype = np.float16 if m.dtype == "fp16" else np.float32
-        return KVCache(CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim), dtype=dtype)
-
-    def _run_scheduler(self, ids, max_new_tokens, stop_ids, all_logits) -> Run:
-        steps = self.plan(len(ids), max_new_tokens)
-        t = time.perf_counter()
-        logits, seq = scheduler.prefill(self._step, ids, steps, self._cache, all_logits=all_logits)
-        prefill = time.perf_counter() - t
-        row, tokens, times = logits[-1], [], []
-        while True:
-            token = int(np.argmax(row))
-            if token in stop_ids:
-                break
-            tokens.append(token)
-            if len(tokens) >= max_new_tokens:
-                break
-            t = time.perf_counter()
-            row = scheduler.decode(self._step, token, seq, self._cache)
-            times.append(time.perf_counter() - t)
-        return Run(tokens, prefill, times, logits if all_logits else None)
 
 
 # ------------------------------------------------------------------------------------ measuring
