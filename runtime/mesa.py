@@ -2,7 +2,7 @@
 
 Everything else (the torch reference, the ONNX function body, the runtime scheduler, the tests)
 imports these functions; no formula is written twice. Pure Python + numpy, so serving needs no torch.
-The behaviour is that of the published code as restated in shared/MESA_SPEC.md (section numbers below).
+The behaviour is that of the published code as restated in runtime/MESA_SPEC.md (section numbers below).
 
 | paper | published `position_set` field | here |
 |---|---|---|
@@ -218,8 +218,8 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, p: MesaPar
                   method: Method = "mesa") -> list[Step]:
     """The prefill plan of a request, or MesaParamError saying why it cannot run."""
     if prompt_len + max_new_tokens > max_len:
-        raise MesaParamError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_len {max_len}")
+        asked = f"prompt ({prompt_len} tokens)" + (f" + max_new_tokens ({max_new_tokens})" if max_new_tokens else "")
+        raise MesaParamError(f"{asked} exceeds max_len {max_len}")
     return prefill_steps(prompt_len, p, method)
 
 

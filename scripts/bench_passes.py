@@ -22,9 +22,9 @@ decode ms/token over --decode-tokens greedy steps at that context. Reported: med
 
 Accuracy (against the fp32 ort-cpu engine): on the 8k run, max |Δlogit| and argmax agreement of the last
 prompt position and the decode steps (teacher-forced on the fp32 engine's greedy tokens; also portable vs
-ort-cpu, which must agree to float tolerance); on the published fixtures (shared/fixtures/official), max
+ort-cpu, which must agree to float tolerance); on the published fixtures (tests/fixtures/official), max
 |Δlogit| against the published logits and greedy agreement; on the trained passkey model
-(shared/fixtures/trained), exact-answer accuracy of fp32 vs int4 engines.
+(tests/fixtures/trained), exact-answer accuracy of fp32 vs int4 engines.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHARED = ROOT.parent / "shared"
 
 
 def log(msg: str) -> None:
@@ -220,7 +219,9 @@ def fixture_accuracy(work: Path) -> dict:
 
 
 def passkey_accuracy(work: Path, lengths=(256, 1024), n: int = 20) -> dict:
-    trained = SHARED / "fixtures" / "trained"
+    from scripts import fixtures
+
+    trained = fixtures.TRAINED
     if not (trained / "model" / "config.json").is_file():
         return {}
     from runtime.engine import MesaEngine

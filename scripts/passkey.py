@@ -1,4 +1,4 @@
-"""Token-space passkey retrieval (shared/fixtures/trained/task.json) through any exported engine.
+"""Token-space passkey retrieval (tests/fixtures/trained/task.json) through any exported engine.
 
     python -m scripts.passkey ENGINE [ENGINE ...] --task task.json --lengths 256 1024 2048 --n 100
 
@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.passkey", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("engines", nargs="+", help="exported engine directories (any method)")
-    p.add_argument("--task", required=True, help="task description, e.g. shared/fixtures/trained/task.json")
+    p.add_argument("--task", required=True, help="task description, e.g. tests/fixtures/trained/task.json")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 768, 1024, 2048], help="prompt lengths L")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="filler modes")
     p.add_argument("--n", type=int, default=100, help="prompts per cell")

@@ -2,7 +2,7 @@
 
     python -m scripts.passkey_demo [--n 100] [--out scripts/results/passkey]
 
-Exports shared/fixtures/trained/model with --method origin and with --method mesa (T=256, F=16, Fc=16,
+Exports tests/fixtures/trained/model with --method origin and with --method mesa (T=256, F=16, Fc=16,
 C=64, G=8, W0=256, pw in 4/8/16/32), evaluates passkey retrieval at 256..2048 tokens in both filler
 modes, and writes passkey.md (table), passkey.json (every cell with its 95% interval) and passkey.png.
 """
@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scripts import passkey
+from scripts import fixtures, passkey
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINED = REPO.parent / "shared" / "fixtures" / "trained"
+TRAINED = fixtures.TRAINED
 MESA_FLAGS = ["--train-length", "256", "--first-chunk", "16", "--first-chunk-cache", "16", "--last-context", "64",
               "--reserve-tokens", "8", "--chunk-width", "256"]
 PUSH_WIDTHS = (4, 8, 16, 32)

@@ -1,22 +1,28 @@
-"""Latency-regression gate: a tiny engine's prefill and decode, normalised by a calibration workload.
+"""Latency-regression gate: the working tree against a reference commit, measured side by side in one run.
 
-    python scripts/regression.py                     # compare with scripts/regression_baseline.json
-    python scripts/regression.py --update-baseline   # measure and write the baseline (commit it)
+    python scripts/regression.py                         # working tree vs the commit in scripts/perf_reference
+    python scripts/regression.py --reference COMMIT      # against another commit
+    python scripts/regression.py --set-reference HEAD    # accept the current speed: move the reference
 
-Exports a tiny random Llama (hidden 256, 4 layers, T = 256) once into a temporary folder with the default
-export target, then times, in rounds:
+How it works. The reference commit (a full id kept in scripts/perf_reference, moved only on purpose) is
+extracted with `git archive` into a temporary folder. Two worker processes start, one per tree, each
+running that tree's own code with this virtualenv: each exports the gate's tiny random Llama (hidden 256,
+4 layers, T = 256, max_len 2176) with its tree's exporter and default target, then waits. The gate then
+runs rounds, alternating which tree goes first, and each round times in both trees:
 
-- calibration: a fixed ONNX Runtime workload (a chain of 8 [64, 256] @ [256, 256] MatMul + Relu, run 20
-  times): a mix of GEMM work and per-node dispatch like a decode step's;
-- prefill: a 512-token prompt by its Mesa plan (runtime.scheduler + runtime.backends.OrtStep);
-- decode: 32 greedy decode steps after it.
+- prefill: a 512-token prompt by its Mesa plan (first, middle and last chunks), best of 3;
+- decode_short: 32 greedy decode steps after that prompt (context ~512);
+- decode_long: 32 decode steps after a 2048-token prompt (context >= 2k keys, stair positions).
 
-Each figure is workload time / calibration time of the same round (so a machine that is uniformly 2x
-slower, or busier for a while, gives the same figure), and the gate reads the median over rounds. It
-fails (exit 1) when a figure exceeds its baseline by more than --threshold (default 25 %) and prints a
-table either way; a figure over the limit is measured once more (--retries) and its best kept, so a noisy
-moment does not fail CI while a real regression fails every attempt. Everything runs on one ORT thread (--threads) to keep timings steady on small CI machines.
-`--inject-slowdown F` makes every engine step take (1 + F) times as long; it exists to test the gate.
+A figure is the median over rounds of (working-tree seconds / reference seconds) of the same round, so
+load and CPU speed affect both alike and no absolute number is stored. The gate fails (exit 1) when a
+figure exceeds 1 + --threshold (default 0.25); a figure over the limit is measured again (--retries)
+and its best kept, so a noisy moment does not fail CI while a real regression fails every attempt.
+Everything runs on one ORT thread. `--inject-slowdown F` (testing only) makes every engine step of the
+working tree (1 + F) times slower.
+
+Exit codes: 0 passed, 1 a regression, 2 the gate could not run (unreachable reference, no git history,
+a tree whose engine cannot export, a worker that died) — never a silent pass.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,20 +46,27 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BASELINE = ROOT / "scripts" / "regression_baseline.json"
+REFERENCE_FILE = ROOT / "scripts" / "perf_reference"
 THRESHOLD = 0.25
 MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
 PREFILL_TOKENS = 512
+LONG_TOKENS = 2048
 DECODE_TOKENS = 32
-MAX_LEN = 640
-FIGURES = ("prefill", "decode")
+MAX_LEN = LONG_TOKENS + 128
+PREFILL_REPEATS = 3  # a prefill is short (~50 ms): its best of 3 per round is far steadier than one
+FIGURES = ("prefill", "decode_short", "decode_long")
+WORKER_TIMEOUT = 300  # seconds for a worker to export and warm up, or to answer one round
 
 
-# ------------------------------------------------------------------------------------ engine
+class GateError(Exception):
+    """The gate cannot measure: one line for the user, exit 2."""
+
+
+# ------------------------------------------------------------------------------ worker (one per tree)
 
 def export_tiny(directory: Path) -> Path:
-    """The gate's engine, exported with the default target (what users get)."""
+    """The gate's engine, exported by this tree's exporter with the default target (what users get)."""
     import torch
     import transformers
 
@@ -62,7 +78,8 @@ def export_tiny(directory: Path) -> Path:
         code = export_main(["--model", str(directory / "ckpt"), "--max-len", str(MAX_LEN),
                             "--out", str(directory / "engine"), "--no-verify"])
     if code != 0:
-        raise SystemExit(f"export of the gate's tiny model failed:\n{err.getvalue()}")
+        last = (err.getvalue().strip().splitlines() or [f"exit {code}"])[-1]
+        raise GateError(f"the gate's tiny model does not export ({last})")
     return directory / "engine"
 
 
@@ -80,168 +97,290 @@ def slowed(step_fn, factor: float):
     return step
 
 
-def calibration_session(threads: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+class Workloads:
+    """The three timed workloads over one engine, each repeatable from the same state."""
 
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(8):
-        inits.append(numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
-        x = f"r{i}"
-    graph = helper.make_graph(nodes, "calibration", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [64, 256])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = {"x": rng.standard_normal((64, 256)).astype(np.float32)}
-    return lambda: [sess.run(None, feed) for _ in range(20)]
+    def __init__(self, engine_dir: Path, threads: int, slowdown: float):
+        import onnxruntime as ort
 
+        from runtime import artifact, mesa
+        from runtime.backends import OrtStep
+        from runtime.kv_cache import CacheShape, KVCache
 
-def measure(engine_dir: Path, rounds: int = 15, threads: int = 1, slowdown: float = 0.0) -> dict:
-    """Per-round seconds of calibration, prefill and decode, and the normalised figures (medians)."""
-    import onnxruntime as ort
+        m = artifact.load_manifest(engine_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.step = slowed(OrtStep(engine_dir / artifact.MODEL_FILE, options=opts), slowdown)
+        shape = CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim)
+        self.short_cache, self.long_cache = KVCache(shape), KVCache(shape)
+        rng = np.random.default_rng(0)
+        self.short_ids = rng.integers(0, m.vocab_size, PREFILL_TOKENS)
+        long_ids = rng.integers(0, m.vocab_size, LONG_TOKENS)
+        self.short_plan = mesa.check_request(PREFILL_TOKENS, DECODE_TOKENS, m.max_len, m.mesa_params, m.method)
+        long_plan = mesa.check_request(LONG_TOKENS, DECODE_TOKENS, m.max_len, m.mesa_params, m.method)
+        if not any(s.kind == "middle" for s in self.short_plan):
+            raise GateError("the gate's prefill prompt has no middle chunk: its settings no longer test Mesa's plan")
+        self.long_logits, self.long_seq = self._prefill(long_ids, long_plan, self.long_cache)
 
-    from runtime import artifact, mesa, scheduler
-    from runtime.backends import OrtStep
-    from runtime.kv_cache import CacheShape, KVCache
+    def _prefill(self, ids, plan, cache):
+        from runtime import scheduler
 
-    m = artifact.load_manifest(engine_dir)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    step = slowed(OrtStep(engine_dir / artifact.MODEL_FILE, options=opts), slowdown)
-    cache = KVCache(CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim))
-    ids = np.random.default_rng(0).integers(0, m.vocab_size, PREFILL_TOKENS)
-    plan = mesa.check_request(PREFILL_TOKENS, DECODE_TOKENS, m.max_len, m.mesa_params, m.method)
-    calibrate = calibration_session(threads)
+        return scheduler.prefill(self.step, ids, plan, cache, all_logits=False)
 
-    def prefill():
-        return scheduler.prefill(step, ids, plan, cache, all_logits=False)
+    def _decode(self, logits, seq, cache) -> None:
+        from runtime import scheduler
 
-    def decode(logits, seq):
+        seq = type(seq)(seq.length, seq.chunk_width)  # the same start every round
         token = int(np.argmax(logits[-1]))
         for _ in range(DECODE_TOKENS):
-            token = int(np.argmax(scheduler.decode(step, token, seq, cache)))
+            token = int(np.argmax(scheduler.decode(self.step, token, seq, cache)))
 
-    calibrate(), prefill()  # warm-up: allocations, ORT's first-run work
-    raw = {"calibration": [], "prefill": [], "decode": []}
-    for _ in range(rounds):
+    def round(self) -> dict[str, float]:
+        times = {"prefill": float("inf")}
+        for _ in range(PREFILL_REPEATS):
+            t = time.perf_counter()
+            logits, seq = self._prefill(self.short_ids, self.short_plan, self.short_cache)
+            times["prefill"] = min(times["prefill"], time.perf_counter() - t)
         t = time.perf_counter()
-        calibrate()
-        raw["calibration"].append(time.perf_counter() - t)
+        self._decode(logits, seq, self.short_cache)
+        times["decode_short"] = time.perf_counter() - t
         t = time.perf_counter()
-        logits, seq = prefill()
-        raw["prefill"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        decode(logits, seq)
-        raw["decode"].append(time.perf_counter() - t)
-    figures = {k: statistics.median(w / c for w, c in zip(raw[k], raw["calibration"])) for k in FIGURES}
-    return {"figures": figures, "seconds": {k: statistics.median(v) for k, v in raw.items()}, "rounds": rounds,
-            "threads": threads, "target": m.target, "passes": m.passes}
+        self._decode(self.long_logits, self.long_seq, self.long_cache)
+        times["decode_long"] = time.perf_counter() - t
+        return times
 
 
-# ------------------------------------------------------------------------------------ comparing
+def worker(args) -> int:
+    """Speak the gate's protocol on stdin/stdout: one JSON line when ready, one per "round" request."""
+    import runtime
 
-def settings() -> dict:
-    return {"model": MODEL, "prefill_tokens": PREFILL_TOKENS, "decode_tokens": DECODE_TOKENS, "max_len": MAX_LEN}
+    engine_dir = Path(args.engine_dir)
+    try:
+        if not (engine_dir / "engine" / "mesa.json").is_file():
+            export_tiny(engine_dir)
+        work = Workloads(engine_dir / "engine", args.threads, args.inject_slowdown)
+        work.round()  # warm-up: allocations, ORT's first-run work
+    except GateError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return 2
+    print(json.dumps({"ready": True, "runtime": str(Path(runtime.__file__).resolve())}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        print(json.dumps(work.round()), flush=True)
+    return 0
 
 
-def compare(figures: dict, baseline: dict, threshold: float) -> tuple[bool, list[dict]]:
-    """(passed, rows): a row per figure with its ratio to the baseline; fails above 1 + threshold."""
-    rows = []
-    for k in FIGURES:
-        ratio = figures[k] / baseline[k]
-        rows.append({"figure": k, "baseline": baseline[k], "now": figures[k], "ratio": ratio,
-                     "ok": ratio <= 1 + threshold})
+# ------------------------------------------------------------------------------ the gate
+
+class Tree:
+    """A worker process running the code of one tree (this checkout, or the extracted reference)."""
+
+    def __init__(self, name: str, root: Path, work: Path, threads: int, slowdown: float = 0.0):
+        self.name, self.root = name, root
+        self.log = open(work / f"{name}.log", "w+")
+        env = {**os.environ, "PYTHONPATH": str(root)}  # the tree's packages before the editable install
+        cmd = [sys.executable, str(root / "scripts" / "regression.py"), "worker", "--engine-dir",
+               str(work / name), "--threads", str(threads), "--inject-slowdown", str(slowdown)]
+        (work / name).mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            tail = self.log.read().strip().splitlines()[-3:]
+            raise GateError(f"the {self.name} tree's worker died: {' | '.join(tail) or 'no output'}")
+        return json.loads(line)
+
+    def ready(self) -> None:
+        msg = self.read()
+        if "error" in msg:
+            raise GateError(f"{self.name} tree: {msg['error']}")
+        if not Path(msg["runtime"]).is_relative_to(self.root.resolve()):
+            raise GateError(f"the {self.name} worker imported {msg['runtime']}, not its own tree's code")
+
+    def round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise GateError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def resolve_reference(spec: str | None) -> str:
+    """The full commit id to compare against: --reference, else the one in scripts/perf_reference."""
+    if spec is None:
+        if not REFERENCE_FILE.is_file():
+            raise GateError(f"{REFERENCE_FILE.relative_to(ROOT)} is missing: set one with --set-reference COMMIT")
+        spec = REFERENCE_FILE.read_text().split()[0] if REFERENCE_FILE.read_text().split() else ""
+    if not (ROOT / ".git").exists():
+        raise GateError(f"{ROOT} is not a git checkout, so the reference commit cannot be checked out; "
+                        "clone the repository, or pass --reference-tree DIR")
+    try:
+        return git("rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
+    except GateError:
+        shallow = git("rev-parse", "--is-shallow-repository") == "true"
+        hint = " (this clone is shallow: `git fetch --unshallow`)" if shallow else ""
+        raise GateError(f"reference commit {spec!r} is not in this repository{hint}") from None
+
+
+def extract(commit: str, into: Path) -> Path:
+    """The reference tree: `git archive` of the commit (a clean copy, nothing registered in .git)."""
+    into.mkdir()
+    data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True)
+    if data.returncode != 0:
+        raise GateError(f"git archive {commit} failed: {data.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(data.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    if not (into / "scripts" / "regression.py").is_file():
+        raise GateError(f"reference {commit[:12]} has no scripts/regression.py: choose a commit that has this gate")
+    return into
+
+
+def measure(current: Tree, reference: Tree, rounds: int) -> dict[str, list[float]]:
+    """Per figure, the ratio current/reference of each round; the order alternates round by round."""
+    ratios = {k: [] for k in FIGURES}
+    for r in range(rounds):
+        first, second = (current, reference) if r % 2 else (reference, current)
+        got = {first.name: first.round(), second.name: second.round()}
+        for k in FIGURES:
+            ratios[k].append(got["current"][k] / got["reference"][k])
+    return ratios
+
+
+def verdict(ratios: dict[str, list[float]], threshold: float) -> tuple[bool, list[dict]]:
+    """(passed, rows): a row per figure with its median ratio; fails above 1 + threshold."""
+    rows = [{"figure": k, "ratio": statistics.median(ratios[k]), "spread": (min(ratios[k]), max(ratios[k]))}
+            for k in FIGURES]
+    for row in rows:
+        row["ok"] = row["ratio"] <= 1 + threshold
     return all(r["ok"] for r in rows), rows
 
 
-def table(rows: list[dict], seconds: dict, threshold: float) -> str:
-    lines = [f"| figure (time / calibration) | baseline | now | change | limit +{threshold:.0%} |",
-             "|---|---:|---:|---:|:---:|"]
+def table(rows: list[dict], threshold: float, reference: str) -> str:
+    lines = [f"| figure | working tree / reference {reference} (median) | range over rounds | limit {1 + threshold:.2f} |",
+             "|---|---:|---:|:---:|"]
     for r in rows:
-        lines.append(f"| {r['figure']} | {r['baseline']:.3f} | {r['now']:.3f} | {r['ratio'] - 1:+.1%} | "
-                     f"{'ok' if r['ok'] else 'REGRESSION'} |")
-    lines.append(f"\nseconds (median): calibration {seconds['calibration'] * 1e3:.1f} ms, prefill "
-                 f"{PREFILL_TOKENS} tokens {seconds['prefill'] * 1e3:.1f} ms, decode {DECODE_TOKENS} tokens "
-                 f"{seconds['decode'] * 1e3:.1f} ms")
+        lo, hi = r["spread"]
+        lines.append(f"| {r['figure']} | {r['ratio']:.3f} | {lo:.2f}-{hi:.2f} | {'ok' if r['ok'] else 'REGRESSION'} |")
     return "\n".join(lines)
+
+
+def run_gate(args) -> int:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mesa-regression-") as tmp:
+        work = Path(args.engines) if args.engines else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.reference_tree:
+            ref_root, label = Path(args.reference_tree).resolve(), f"tree {args.reference_tree}"
+            if not (ref_root / "scripts" / "regression.py").is_file():
+                raise GateError(f"--reference-tree {ref_root} has no scripts/regression.py")
+        else:
+            commit = resolve_reference(args.reference)
+            ref_root, label = extract(commit, Path(tmp) / "reference-tree"), commit[:12]
+        trees = []
+        try:
+            trees.append(Tree("reference", ref_root, work, args.threads))
+            trees.append(Tree("current", ROOT, work, args.threads, args.inject_slowdown))
+            for t in trees:  # both export and warm up at once; rounds start when both are ready
+                t.ready()
+            reference, current = trees
+            ratios = measure(current, reference, args.rounds)
+            passed, rows = verdict(ratios, args.threshold)
+            for attempt in range(args.retries):  # a real regression fails every attempt; a noisy moment does not
+                if passed:
+                    break
+                print(f"over the limit; measuring again ({attempt + 1}/{args.retries}), keeping each figure's best")
+                again = measure(current, reference, args.rounds)
+                ratios = {k: min(ratios[k], again[k], key=statistics.median) for k in FIGURES}
+                passed, rows = verdict(ratios, args.threshold)
+        finally:
+            for t in trees:
+                t.close()
+    print(table(rows, args.threshold, label))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"reference": label, "threshold": args.threshold, "rows": rows,
+                                               "ratios": ratios}, indent=1))
+    took = time.perf_counter() - started
+    if passed:
+        print(f"latency gate passed against {label} ({took:.0f} s)")
+    else:
+        print(f"latency gate FAILED: a figure is more than {args.threshold:.0%} slower than reference {label} "
+              f"({took:.0f} s). If the slowdown is intended, move the reference "
+              "(`python scripts/regression.py --set-reference HEAD`) and say why in the commit.")
+    print(f"gate: {sum(r['ok'] for r in rows)} passed, {sum(not r['ok'] for r in rows)} failed")
+    return 0 if passed else 1
+
+
+def set_reference(spec: str) -> int:
+    commit = resolve_reference(spec)
+    REFERENCE_FILE.write_text(commit + "\n")
+    print(f"wrote {REFERENCE_FILE.relative_to(ROOT)}: {commit} ({git('log', '-1', '--format=%s', commit)}); "
+          "commit it and say in the message why the slower speed is accepted")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/regression.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", default=str(BASELINE), help="baseline JSON (default scripts/regression_baseline.json)")
-    p.add_argument("--update-baseline", action="store_true", help="measure and write the baseline instead of comparing")
-    p.add_argument("--threshold", type=float, default=None,
-                   help=f"allowed slowdown as a fraction (default: the baseline's, else {THRESHOLD})")
-    p.add_argument("--rounds", type=int, default=15, help="measurement rounds (median)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--engine", default=None, help="use this exported gate engine instead of exporting one")
-    p.add_argument("--inject-slowdown", type=float, default=0.0, metavar="F",
-                   help="testing only: make every engine step (1 + F) times slower")
+    p.add_argument("--reference", default=None, metavar="COMMIT",
+                   help="commit to compare against (default: the id in scripts/perf_reference)")
+    p.add_argument("--reference-tree", default=None, metavar="DIR",
+                   help="compare against the code in DIR instead of a commit (e.g. another checkout)")
+    p.add_argument("--set-reference", default=None, metavar="COMMIT",
+                   help="write COMMIT's full id to scripts/perf_reference and exit (accepting its speed)")
+    p.add_argument("--threshold", type=float, default=THRESHOLD, help="allowed slowdown as a fraction (default 0.25)")
+    p.add_argument("--rounds", type=int, default=15, help="measurement rounds per attempt (median)")
     p.add_argument("--retries", type=int, default=1,
                    help="when over the limit, measure again this many times and keep each figure's best")
-    p.add_argument("--json", default=None, help="also write the measurement to this file")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of each worker")
+    p.add_argument("--engines", default=None, metavar="DIR",
+                   help="keep the workers' engines in DIR/current and DIR/reference and reuse them on later runs")
+    p.add_argument("--inject-slowdown", type=float, default=0.0, metavar="F",
+                   help="testing only: make every engine step of the working tree (1 + F) times slower")
+    p.add_argument("--json", default=None, help="also write the ratios to this file")
+    return p
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/regression.py worker", description="internal: one tree's measurements")
+    p.add_argument("--engine-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--inject-slowdown", type=float, default=0.0)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker(worker_parser().parse_args(argv[1:]))
     args = parser().parse_args(argv)
-    started = time.perf_counter()
-    tmp = tempfile.TemporaryDirectory(prefix="mesa-regression-")
-    engine_dir = Path(args.engine) if args.engine else export_tiny(Path(tmp.name))
     try:
-        return _run(args, engine_dir, started)
-    finally:
-        tmp.cleanup()
-
-
-def _run(args, engine_dir: Path, started: float) -> int:
-    result = measure(engine_dir, args.rounds, args.threads, args.inject_slowdown)
-    result["settings"] = settings()
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    path = Path(args.baseline)
-    if args.update_baseline:
-        threshold = THRESHOLD if args.threshold is None else args.threshold
-        path.write_text(json.dumps({"figures": result["figures"], "threshold": threshold, "settings": settings(),
-                                    "seconds": result["seconds"], "rounds": args.rounds, "threads": args.threads,
-                                    "written": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
-        print(f"wrote {path}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["figures"].items()))
-        return 0
-    if not path.is_file():
-        print(f"error: no baseline at {path}; run `python scripts/regression.py --update-baseline`", file=sys.stderr)
+        if args.set_reference:
+            return set_reference(args.set_reference)
+        if args.rounds < 1 or args.threshold <= 0:
+            raise GateError("--rounds must be >= 1 and --threshold above 0")
+        return run_gate(args)
+    except GateError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    baseline = json.loads(path.read_text())
-    if baseline.get("settings") != settings():
-        print(f"error: {path} was measured with other settings ({baseline.get('settings')}); "
-              "run `python scripts/regression.py --update-baseline` and commit it", file=sys.stderr)
-        return 2
-    threshold = baseline.get("threshold", THRESHOLD) if args.threshold is None else args.threshold
-    passed, rows = compare(result["figures"], baseline["figures"], threshold)
-    for attempt in range(args.retries):  # a real regression fails every attempt; a noisy moment does not
-        if passed:
-            break
-        print(f"over the limit; measuring again ({attempt + 1}/{args.retries}) and keeping each figure's best")
-        again = measure(engine_dir, args.rounds, args.threads, args.inject_slowdown)
-        result["figures"] = {k: min(result["figures"][k], again["figures"][k]) for k in FIGURES}
-        result["seconds"] = {k: min(result["seconds"][k], again["seconds"][k]) for k in result["seconds"]}
-        passed, rows = compare(result["figures"], baseline["figures"], threshold)
-    print(table(rows, result["seconds"], threshold))
-    took = time.perf_counter() - started
-    if passed:
-        print(f"latency gate passed ({took:.0f} s)")
-    else:
-        print(f"latency gate FAILED: a figure regressed by more than {threshold:.0%} against {path.name} "
-              f"({took:.0f} s). If the slowdown is intended, run `python scripts/regression.py --update-baseline` "
-              "and commit the file.")
-    print(f"gate: {sum(r['ok'] for r in rows)} passed, {sum(not r['ok'] for r in rows)} failed")
-    return 0 if passed else 1
 
 
 if __name__ == "__main__":

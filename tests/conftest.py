@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from runtime import mesa
+from scripts import fixtures
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-OFFICIAL = SHARED / "fixtures" / "official"
-TRAINED = SHARED / "fixtures" / "trained"
-OFFICIAL_CASES = sorted(p.name for p in OFFICIAL.iterdir()) if OFFICIAL.is_dir() else []
+TRAINED = fixtures.TRAINED
+OFFICIAL_CASES = fixtures.official_cases()
 
 # our MesaParams field <- the published position_set field
 PUBLISHED_NAMES = {"train_length": "train_length", "first_chunk": "first_chunk",
@@ -48,7 +47,7 @@ class OfficialCase:
 
 
 def load_official(name: str) -> OfficialCase:
-    d = OFFICIAL / name
+    d = fixtures.official(name)
     inputs = json.loads((d / "inputs.json").read_text())
     ps = inputs["position_set_before_prefill"]
     tokens = json.loads((d / "decode_tokens.json").read_text())

@@ -1,4 +1,4 @@
-"""Property tests: runtime/mesa.py against a brute-force restatement of shared/MESA_SPEC.md.
+"""Property tests: runtime/mesa.py against a brute-force restatement of MESA_SPEC (the published code's behaviour).
 
 Every oracle below (`spec_*`) is written from the spec text (sections 2, 3, 5, 6, 11) in the most
 literal way, deliberately naive and without reading anything from runtime/mesa.py except the
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from export.model import RopeConfig, rope_tables
+from scripts import fixtures
 from runtime.mesa import (
     MesaParamError,
     MesaParams,
@@ -564,20 +565,10 @@ def test_prefill_steps_sweep(d, upto):
     assert {"L<=F", "one-token last", "full last", "middle"} <= seen
 
 
-def _fixture_root() -> Path | None:
-    here = Path(__file__).resolve().parents[1]
-    for cand in (os.environ.get("MESA_FIXTURES"), here / "shared" / "fixtures" / "official",
-                 here.parent / "shared" / "fixtures" / "official"):
-        if cand and Path(cand).is_dir():
-            return Path(cand)
-    return None
+FIXTURES = fixtures.OFFICIAL
+FIXTURE_CASES = fixtures.official_cases()
 
 
-FIXTURES = _fixture_root()
-FIXTURE_CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES else []
-
-
-@pytest.mark.skipif(FIXTURES is None, reason="shared/fixtures/official not found")
 @pytest.mark.parametrize("case", FIXTURE_CASES)
 def test_plan_matches_official_chunks(case):
     inputs = json.loads((FIXTURES / case / "inputs.json").read_text())

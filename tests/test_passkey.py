@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scripts import passkey, passkey_demo
-from tests.conftest import TRAINED
+from scripts import fixtures, passkey, passkey_demo
 
-pytestmark = pytest.mark.skipif(not (TRAINED / "model").is_dir(), reason="shared/fixtures/trained is missing")
+TRAINED = fixtures.trained()
 
 
 @pytest.fixture(scope="module")
