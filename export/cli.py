@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -48,15 +49,11 @@ def parser() -> argparse.ArgumentParser:
                    help="weight/activation type (default fp16 for ort-cuda and tensorrt, else fp32)")
     p.add_argument("--opset", type=int, default=24, choices=(24,),
                    help="ONNX opset of the model and of the MesaAttention function body")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is an engine directory or empty (never anything else)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the onnx.checker pass and the ONNX Runtime smoke step against the reference")
     return p
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def check_lengths(args, params) -> None:
@@ -87,39 +84,72 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) ends an export exactly like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.target in ("ort-cuda", "tensorrt") else "fp32")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        return fail(f"{out} exists; pass --force to replace it")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return export(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+def preflight_checks(args, out: Path):
+    """Everything that can refuse the export, cheapest first, before the weights are read: (path, alias,
+    config, params). The --out checks come before torch is even imported."""
+    from export import commit, loading, preflight
+
+    path, alias = loading.resolve_model(args.model)
+    for line in commit.sweep(out):  # first: it may put back an engine a dead export had moved aside
+        print(line, file=sys.stderr)
+    preflight.check_out(out, args.force, path)
     quiet_libraries()
-    from tqdm import tqdm
+    config = loading.load_config(path)
+    for w in loading.check_supported(config):
+        print(f"warning: {w}", file=sys.stderr)
+    overrides = {field: getattr(args, field) for _, field, _, _ in PARAM_FLAGS}
+    params = loading.default_params(config, alias, overrides)
+    head_dim = loading.rope_config(config).head_dim
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    preflight.check_memory(args.max_len, head_dim, config.num_hidden_layers, kv_heads, args.dtype)
+    check_lengths(args, params)  # O(max_len): after the memory check has refused absurd lengths
+    shapes = loading.tensor_shapes(path)
+    preflight.check_disk(out, preflight.engine_bytes(shapes, args.dtype, args.max_len, head_dim))
+    return path, alias, config, params
 
-    from export import loading, onnx_export, verify
-    from graph_ops import pipeline, precision
+
+def export(args) -> int:
+    from export import commit, loading, preflight
     from runtime import mesa
 
-    stages = ["load", "trace", "passes", "save", "verify"]
-    bar = tqdm(total=len(stages), desc="export", unit="stage", file=sys.stderr,
-               bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}]")
+    out = Path(args.out).expanduser().resolve()
+    staging = bar = None
     try:
-        bar.set_description("export: load")
-        path, alias = loading.resolve_model(args.model)
-        config = loading.load_config(path)
-        for w in loading.check_supported(config):
-            tqdm.write(f"warning: {w}", file=sys.stderr)
-        overrides = {field: getattr(args, field) for _, field, _, _ in PARAM_FLAGS}
-        params = loading.default_params(config, alias, overrides)
-        check_lengths(args, params)
+        path, alias, config, params = preflight_checks(args, out)
+        from tqdm import tqdm
+
+        from export import onnx_export, verify
+        from graph_ops import pipeline, precision
+
+        staging = commit.stage(out)
+        bar = tqdm(total=5, desc="export", unit="stage", file=sys.stderr,
+                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}]")
+
+        def stage(name: str) -> None:
+            bar.set_description(f"export: {name}")
+            commit.fault(name)
+
+        stage("load")
         lm = onnx_export.build_model(path, config, params, args.method, args.max_len, args.dtype, alias)
         bar.update()
-
-        bar.set_description("export: trace")
+        stage("trace")
         model = onnx_export.trace(lm)
         bar.update()
-        bar.set_description("export: passes")
+        stage("passes")
         passes = pipeline.run_passes(model, args.target, args.quantize,
                                      progress=lambda name: bar.set_description(f"export: passes ({name})"))
         bar.update()
@@ -127,31 +157,48 @@ def main(argv: list[str] | None = None) -> int:
         manifest = onnx_export.make_manifest(lm, model, args.model, passes, target=args.target)
         ops = Counter(n.op_type for n in model.graph)
         smoke = None if args.no_verify else verify.reference_run(lm)
-        with onnx_export.atomic_directory(out, args.force) as tmp:
-            bar.set_description("export: save")
-            onnx_export.write_engine(tmp, model, path)
-            model = lm = None  # free the weights before ONNX Runtime loads its own copy
-            gc.collect()
-            bar.update()
-            bar.set_description("export: verify")
-            check = precision.check_quantized if args.quantize != "none" else verify.check_engine
-            report = "skipped (--no-verify)" if smoke is None else check(tmp, smoke)
-            onnx_export.write_manifest(tmp, manifest)  # last: only a verified directory gets one
-            bar.update()
+        stage("save")
+        onnx_export.write_engine(staging.path, model, path)
+        model = lm = None  # free the weights before ONNX Runtime loads its own copy
+        gc.collect()
+        bar.update()
+        stage("verify")
+        check = precision.check_quantized if args.quantize != "none" else verify.check_engine
+        report = "skipped (--no-verify)" if smoke is None else check(staging.path, smoke)
+        onnx_export.write_manifest(staging.path, manifest)  # last: only a verified directory gets one
+        bar.update()
+        commit.commit(staging, args.force)
         bar.close()
-    except (loading.ModelLoadError, mesa.MesaParamError, FileExistsError, pipeline.PassError) as e:
-        bar.close()
-        return fail(str(e))
-    except verify.VerificationError as e:
-        bar.close()
-        return fail(f"verification failed, nothing written: {e}")
+        print(summary(out, manifest, ops, report))
+        return 0
     except KeyboardInterrupt:
-        bar.close()
-        print("interrupted: nothing written", file=sys.stderr)
-        return 130
+        return _end(bar, f"interrupted: {_outcome(staging, out)}", 130)
+    except Exception as e:
+        # modules not imported yet cannot have raised their errors (and importing them costs seconds)
+        failed = getattr(sys.modules.get("export.verify"), "VerificationError", ())
+        known = (loading.ModelLoadError, mesa.MesaParamError, preflight.Refused, OSError,
+                 getattr(sys.modules.get("graph_ops.pipeline"), "PassError", ()))
+        if isinstance(e, failed):
+            return _end(bar, f"error: verification failed, {_outcome(staging, out)}: {e}", EXIT_BAD_INPUT)
+        if not isinstance(e, known):
+            raise  # a bug: keep its traceback
+        return _end(bar, f"error: {e}" + (f" ({_outcome(staging, out)})" if staging else ""), EXIT_BAD_INPUT)
+    finally:
+        if staging is not None:
+            staging.discard()
 
-    print(summary(out, manifest, ops, report))
-    return 0
+
+def _outcome(staging, out: Path) -> str:
+    """Asked of the filesystem, not of how far the code got, so it is true even for a signal mid-commit."""
+    written = staging is not None and staging.published()
+    return f"the engine was written to {out}" if written else f"nothing written to {out}"
+
+
+def _end(bar, line: str, code: int) -> int:
+    if bar is not None:
+        bar.close()
+    print(line, file=sys.stderr)
+    return code
 
 
 def summary(out: Path, manifest, ops: Counter, report: str) -> str:

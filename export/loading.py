@@ -14,12 +14,14 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
-
-from export.model import RopeConfig
 from runtime.mesa import MesaParamError, MesaParams
+
+if TYPE_CHECKING:  # torch is imported where tensors are read, so the CLI can refuse bad input before it loads
+    import torch
+
+    from export.model import RopeConfig
 
 
 class ModelLoadError(Exception):
@@ -237,6 +239,8 @@ def check_supported(config) -> list[str]:
 
 
 def rope_config(config) -> RopeConfig:
+    from export.model import RopeConfig
+
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     _, theta, factor = _rope(config)
     return RopeConfig(head_dim=int(head_dim), rope_theta=theta, linear_factor=factor)
@@ -270,6 +274,73 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise ModelLoadError(f"no weights in {path}: looked for {', '.join(WEIGHT_FILES)}.")
 
 
+def _load_bin(file: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return SafetensorError, RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}; no tensor data read."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(os.fstat(f.fileno()).st_size - 8, 1 << 30):
+            raise ValueError(f"header length {n} does not fit the file: not a safetensors file")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the checkpoint, from the safetensors headers (pickled .bin files are
+    memory-mapped, so their data is not read either)."""
+    shapes = {}
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                shapes.update({k: tuple(v["shape"]) for k, v in _safetensors_header(file).items()})
+            else:
+                shapes.update({k: tuple(t.shape) for k, t in _load_bin(file).items()})
+        except _read_errors() + (KeyError, TypeError) as e:
+            raise ModelLoadError(f"cannot read weights from {file}: {e}") from e
+    return shapes
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_tensors(path: str | os.PathLike, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    """ModelLoadError naming the first difference between the tensors the config implies (`expected`,
+    name -> shape) and the checkpoint's (`found`), with the same name rules as MesaDecoder.load_hf_state_dict:
+    rotary buffers ignored, a missing lm_head tied to the embedding."""
+    found = {k: tuple(v) for k, v in found.items() if "rotary_emb" not in k}
+    if "lm_head.weight" not in found and "model.embed_tokens.weight" in found:
+        found["lm_head.weight"] = found["model.embed_tokens.weight"]
+    layers = [len({int(m.group(1)) for m in map(_LAYER.match, names) if m}) for names in (expected, found)]
+    if layers[0] != layers[1]:  # one line for the count, not one per missing tensor
+        raise ModelLoadError(f"config.json of {path} says num_hidden_layers={layers[0]} but its weights hold "
+                             f"{layers[1]} layers: the config and the weights are of different models")
+    for name, shape in expected.items():
+        if name not in found:
+            raise ModelLoadError(f"the weights of {path} lack {name} (shape {list(shape)}), which config.json implies")
+        if found[name] != tuple(shape):
+            raise ModelLoadError(f"{name} in the weights of {path} has shape {list(found[name])}, but config.json "
+                                 f"implies {list(shape)}: the config and the weights are of different models")
+    extra = [k for k in found if k not in expected]
+    if extra:
+        raise ModelLoadError(f"the weights of {path} hold {extra[0]} (and {len(extra) - 1} more unknown tensors), "
+                             "which config.json does not account for")
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -278,7 +349,7 @@ def iter_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     """(name, tensor) pairs, one shard at a time and one tensor at a time within safetensors, so a 7B
     model can be streamed without holding two copies. Floating tensors are cast to `dtype` (None: as
     stored). Tied weights absent from the files (e.g. lm_head with tie_word_embeddings) are not added."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     for file in weight_files(path):
         try:
@@ -287,24 +358,27 @@ def iter_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -
                     for name in f.keys():
                         yield name, _cast(f.get_tensor(name), dtype)
             else:
-                try:
-                    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-                    sd = torch.load(file, map_location="cpu", weights_only=True)
+                sd = _load_bin(file)
                 for name, t in sd.items():
                     yield name, _cast(t, dtype)
                 del sd
-        except (SafetensorError, RuntimeError, OSError, pickle.UnpicklingError, EOFError) as e:
+        except _read_errors() as e:
             raise ModelLoadError(f"cannot read weights from {file}: {e}") from e
 
 
-def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """All weights of the checkpoint in `path` as one dict (floating tensors cast to `dtype`)."""
+def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | str | None = "float32"
+                    ) -> dict[str, torch.Tensor]:
+    """All weights of the checkpoint in `path` as one dict (floating tensors cast to `dtype`; a string names
+    a torch dtype, so the default needs no torch import)."""
+    if isinstance(dtype, str):
+        import torch
+
+        dtype = getattr(torch, dtype)
     return dict(iter_state_dict(path, dtype))
 
 
 __all__ = [
     "ALIASES", "Alias", "ModelLoadError", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES", "WEIGHT_FILES",
-    "check_supported", "default_params", "hub_cache_dir", "iter_state_dict", "load_config", "load_state_dict",
-    "resolve_model", "rope_config", "weight_files",
+    "check_supported", "check_tensors", "default_params", "hub_cache_dir", "iter_state_dict", "load_config", "load_state_dict",
+    "resolve_model", "rope_config", "tensor_shapes", "weight_files",
 ]

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -45,11 +42,15 @@ def graph_params(params: mesa.MesaParams, method: str, max_len: int) -> mesa.Mes
 
 def build_model(path: Path, config, params: mesa.MesaParams, method: str, max_len: int, dtype: str,
                 alias: loading.Alias | None = None) -> LoadedModel:
-    """Build MesaDecoder on the meta device and assign the checkpoint's tensors: one copy in memory."""
+    """Build MesaDecoder on the meta device and assign the checkpoint's tensors: one copy in memory.
+    The checkpoint's names and shapes are checked against the model first, from the file headers, so a
+    mismatch is one ModelLoadError before any tensor data is read."""
     args = ModelArgs.from_hf_config(config, loading.rope_config(config))
     g = graph_params(params, method, max_len)
     with torch.device("meta"):
         model = MesaDecoder(args, max_len, g.train_length, g.push_width)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    loading.check_tensors(path, expected, loading.tensor_shapes(path))
     model.reset_rope_tables()
     model.load_hf_state_dict(loading.load_state_dict(path, dtype=DTYPES[dtype]))
     return LoadedModel(model.eval(), config, path, alias, params, method, max_len, dtype)
@@ -97,9 +98,11 @@ def config_hash(path: Path) -> str:
 
 def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: list[str], target: str
                   ) -> artifact.Manifest:
+    """The manifest of `model`, which it also binds to the model: `artifact.graph_metadata` goes into
+    model.metadata_props, so the saved graph refuses any other manifest at load."""
     a, cfg = lm.model.args, lm.config
     eos = getattr(cfg, "eos_token_id", None)
-    return artifact.Manifest(
+    manifest = artifact.Manifest(
         method=lm.method, params=lm.params.as_dict(), max_len=lm.max_len, dtype=lm.dtype,
         opset=mesa_op.OPSET, vocab_size=a.vocab_size, num_hidden_layers=a.num_hidden_layers,
         num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
@@ -112,6 +115,8 @@ def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: li
         tokenizer=(lm.path / "tokenizer.json").is_file() or (lm.path / "tokenizer.model").is_file(),
         passes=passes, target=target, exporter_version=EXPORTER_VERSION,
     )
+    model.metadata_props.update(artifact.graph_metadata(manifest))
+    return manifest
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -126,39 +131,20 @@ def save_model(model: ir.Model, directory: Path) -> None:
     ir.save(model, directory / artifact.MODEL_FILE, external_data=external)
 
 
-@contextmanager
-def atomic_directory(out: Path, force: bool):
-    """Yield a temporary sibling directory; rename it to `out` only when the body finishes.
-
-    Anything that stops the body (an exception, Ctrl-C, a full disk) removes the temporary
-    directory, so `out` is either the previous content or a complete engine — never half-written.
-    """
-    out = Path(out).resolve()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_engine(directory: Path, model: ir.Model, source: Path) -> None:
     """Write the model and the source's tokenizer files into `directory` (the manifest comes later)."""
     save_model(model, directory)
+    write_rope_tables(directory, model)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, directory / name)
+
+
+def write_rope_tables(directory: Path, model: ir.Model) -> None:
+    """The graph's own cos/sin initializers, for the runtime's re-rotation of the decode cache
+    (runtime/decode_cache.py): recomputing them in numpy differs from HF's float32 tables."""
+    cos, sin = (model.graph.initializers[name].const_value.numpy() for name in ("rope_cos", "rope_sin"))
+    np.save(directory / artifact.ROPE_FILE, np.stack([cos, sin]).astype(np.float32))
 
 
 def write_manifest(directory: Path, manifest: artifact.Manifest) -> None:

@@ -4,10 +4,17 @@ The manifest is everything a service needs to drive the step graph without Pytho
 its parameters, the step inputs/outputs, the cache layout and how it is updated. The exporter writes
 it last into a temporary directory that is then renamed, so a directory with a readable manifest
 whose files are all present is complete.
+
+The manifest is bound to its graph: mesa.schema.json says what a well-formed manifest is (checked at
+load), and model.onnx carries the method, the Mesa parameters, max_len and the sha256 of the contract
+fields in its metadata_props (`graph_metadata`), so an edited manifest, or a graph paired with another
+export's manifest, is refused instead of silently computing other logits.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +31,18 @@ STEP_INPUTS = ("input_ids", "k_cache", "v_cache", "sink_len", "window_start", "w
                "logits_to_keep")
 STEP_OUTPUTS = ("logits", "new_keys", "new_values")
 CACHE_LAYOUT = ("layers", "batch", "kv_heads", "max_len", "head_dim")
+# Engines with in-place decode (graph_ops/lower_attention.py `inplace` kernel) add these inputs, and per
+# layer l the rotated decode caches DECODE_CACHE.format("key" | "value", l) [batch, kv_heads, max_len,
+# head_dim], returned as DECODE_PRESENT.format(...) and bound to the same buffers (runtime/decode_cache.py).
+DECODE_INPUTS = ("decode_step", "seqlens_k", "total_sequence_length")
+DECODE_CACHE = "past_{}_{}"
+DECODE_PRESENT = "present_{}_{}"
+ROPE_FILE = "rope.npy"  # float32 [2, max_len, head_dim / 2]: the graph's cos, sin tables, for re-rotation
+SCHEMA_FILE = Path(__file__).with_name("mesa.schema.json")
+# What decides the graph's logits and how it is driven; the rest (source, tokens, passes) only describes it.
+CONTRACT_FIELDS = ("format_version", "method", "params", "max_len", "dtype", "opset", "vocab_size",
+                   "num_hidden_layers", "num_key_value_heads", "head_dim", "largest_distance", "inputs", "outputs",
+                   "cache")
 
 
 class ArtifactError(Exception):
@@ -82,27 +101,99 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
-        if d.get("format") != FORMAT:
-            raise ArtifactError(f"not a {FORMAT} manifest (format={d.get('format')!r})")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"engine format version {d.get('format_version')} is not supported by this "
-                                f"runtime (expects {FORMAT_VERSION}); re-export the engine")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d) -> "Manifest":
+        """A manifest checked against mesa.schema.json and MesaParams; ArtifactError names the field at fault."""
+        if isinstance(d, dict):  # the version first: another version's fields are not ours to judge
+            if d.get("format") != FORMAT:
+                raise ArtifactError(f"not a {FORMAT} manifest (format={d.get('format')!r})")
+            if d.get("format_version") != FORMAT_VERSION:
+                raise ArtifactError(f"engine format version {d.get('format_version')} is not supported by this "
+                                    f"runtime (expects {FORMAT_VERSION}); re-export the engine")
+        errors = sorted(_validator().iter_errors(d), key=lambda e: list(map(str, e.absolute_path)))
+        if errors:
+            more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+            raise ArtifactError(_describe(errors[0]) + more)
+        m = cls(**d)
+        try:
+            m.mesa_params
+        except mesa.MesaParamError as e:
+            raise ArtifactError(f"field params: {e}") from None
+        return m
+
+
+@functools.cache
+def _validator():
+    """mesa.schema.json's validator, with JSON integers only (1.0 is not an integer here) and the
+    methods this runtime knows (runtime.mesa.METHODS, which the file mirrors)."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    schema["properties"]["method"]["enum"] = list(mesa.METHODS)
+    base = jsonschema.validators.validator_for(schema)
+    strict = base.TYPE_CHECKER.redefine("integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=strict)(schema)
+
+
+def _describe(e) -> str:
+    """One schema violation as `field: what is wrong`, the field named by its path (params.push_width)."""
+    def name(path) -> str:
+        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+    path = list(e.absolute_path)
+    if e.validator == "required":
+        missing = next(k for k in e.validator_value if k not in e.instance)
+        return f"field {name(path + [missing])} is missing"
+    if e.validator == "additionalProperties":
+        extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))[0]
+        return f"field {name(path + [extra])} is not a manifest field"
+    return f"field {name(path) or '(the whole manifest)'}: {e.message}"
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def graph_metadata(m: Manifest) -> dict[str, str]:
+    """The metadata_props entries model.onnx carries for its manifest (the exporter writes them, the
+    runtime compares them at load): method, params and max_len readable, the contract as a hash."""
+    d = asdict(m)
+    return {"mesa.method": m.method, "mesa.params": json.dumps(d["params"], sort_keys=True),
+            "mesa.max_len": str(m.max_len), "mesa.contract_sha256": _sha256_json({k: d[k] for k in CONTRACT_FIELDS})}
+
+
+def metadata_mismatch(found: dict[str, str], m: Manifest) -> str | None:
+    """How the graph's metadata (`custom_metadata_map`) disagrees with the manifest, or None."""
+    want = graph_metadata(m)
+    missing = [k for k in want if k not in found]
+    if missing:
+        return f"the graph carries no {', '.join(missing)} metadata: exported before graphs were bound to manifests"
+    if found["mesa.params"] != want["mesa.params"]:
+        try:
+            graph = json.loads(found["mesa.params"])
+        except ValueError:
+            graph = {}
+        key = next((k for k in sorted(set(graph) | set(m.params)) if graph.get(k) != m.params.get(k)), "?")
+        return f"params.{key} is {graph.get(key)} in the graph, {m.params.get(key)} in the manifest"
+    for key in ("method", "max_len"):
+        if found[f"mesa.{key}"] != want[f"mesa.{key}"]:
+            return f"{key} is {found[f'mesa.{key}']} in the graph, {want[f'mesa.{key}']} in the manifest"
+    if found["mesa.contract_sha256"] != want["mesa.contract_sha256"]:
+        return f"the manifest's contract fields ({', '.join(CONTRACT_FIELDS)}) are not those the graph was exported for"
+    return None
 
 
 def load_manifest(directory: str | Path) -> Manifest:
     """Read and check an engine directory's manifest; ArtifactError says what is wrong."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ArtifactError(f"engine directory {directory} does not exist")
+        missing = "is not a directory" if directory.exists() else "does not exist"
+        raise ArtifactError(f"engine directory {directory} {missing}")
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} has no {MANIFEST}: not an engine directory, or an export that did not finish")
-    try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    try:  # ValueError: not UTF-8, not JSON, an integer too long to parse
+        manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecursionError, ArtifactError) as e:
         raise ArtifactError(f"{path} is unreadable: {e}") from None
     if not (directory / MODEL_FILE).is_file():
         raise ArtifactError(f"{directory} is incomplete: {MODEL_FILE} is missing")

@@ -21,6 +21,8 @@ run() is thread-safe). Each slot holds 2 x layers x kv_heads x max_len x head_di
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -31,7 +33,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from runtime import backends, mesa, scheduler
-from runtime.artifact import MANIFEST, MODEL_FILE, STEP_INPUTS, STEP_OUTPUTS, ArtifactError, Manifest, load_manifest
+from runtime.artifact import (MANIFEST, MODEL_FILE, STEP_INPUTS, STEP_OUTPUTS, ArtifactError, Manifest, load_manifest,
+                              metadata_mismatch)
 from runtime.errors import BackendError, EngineError, LoadError, RequestError
 from runtime.kv_cache import CacheShape
 from runtime.sampling import Sampling, pick
@@ -72,17 +75,27 @@ class MesaEngine:
         self.directory, self.manifest, self.backend, self.tokenizer = directory, manifest, backend, tokenizer
         self.params = manifest.mesa_params
         self._step = step_fn
-        dtype = backends.CACHE_DTYPES[manifest.dtype]
-        self._free = [step_fn.new_cache(cache_shape(manifest), dtype) for _ in range(slots)]
+        shape, dtype = cache_shape(manifest), backends.CACHE_DTYPES[manifest.dtype]
+        need = slots * 2 * math.prod(shape.full()) * np.dtype(dtype).itemsize
+        if backend == "ort-cpu" and need > _host_memory():  # refuse now rather than allocate until the OOM killer
+            raise RequestError(f"slots={slots}: {slots} KV-cache slots need {need / 2**30:.1f} GiB, more than this "
+                               f"machine's {_host_memory() / 2**30:.1f} GiB")
+        try:
+            self._free = [step_fn.new_cache(shape, dtype) for _ in range(slots)]
+        except MemoryError:
+            raise RequestError(f"slots={slots}: not enough memory for {slots} KV-cache slots of "
+                               f"{need / slots / 2**30:.2f} GiB") from None
         self._slots = threading.Condition()
         self._holders: list[int] = []  # thread id of each borrowed slot
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "auto", slots: int = 1) -> "MesaEngine":
         """Open an engine directory on `backend` (auto | ort-cpu | ort-cuda | tensorrt)."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise RequestError(f"directory must be a path (str or os.PathLike), got {directory!r}")
         directory = Path(directory)
-        if slots < 1:
-            raise RequestError(f"slots must be >= 1, got {slots}")
+        if not _is_int(slots) or slots < 1:
+            raise RequestError(f"slots must be an integer >= 1, got {slots!r}")
         try:
             manifest = load_manifest(directory)
         except ArtifactError as e:
@@ -90,7 +103,7 @@ class MesaEngine:
         name, step_fn = backends.open_backend(backend, directory, directory / MODEL_FILE, cache_shape(manifest),
                                               manifest.max_len, manifest.dtype)
         check_graph(step_fn.session, manifest, directory)
-        return cls(directory, manifest, name, step_fn, slots, load_tokenizer(directory))
+        return cls(directory, manifest, name, step_fn, int(slots), load_tokenizer(directory))
 
     @property
     def max_len(self) -> int:
@@ -109,7 +122,7 @@ class MesaEngine:
         on the batch it is in.
         """
         rows, batched = self._prompts(prompt)
-        req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
+        req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, progress)
         results = []
         with self._slot() as cache:
             for ids, plan in zip(req.rows, req.plans):
@@ -131,7 +144,7 @@ class MesaEngine:
         rows, batched = self._prompts(prompt)
         if batched:
             raise RequestError("stream() takes one prompt; generate() takes a batch")
-        req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
+        req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, progress)
 
         def tokens():
             with self._slot() as cache:
@@ -143,6 +156,7 @@ class MesaEngine:
         rows, batched = self._prompts(prompt)
         if batched:
             raise RequestError("score() takes one prompt")
+        _check_progress(progress)
         (plan,) = self._plans(rows, 0)
         with self._slot() as cache:
             logits, _ = scheduler.prefill(self._step, rows[0], plan, cache, all_logits=True,
@@ -150,14 +164,21 @@ class MesaEngine:
         return logits
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise RequestError(f"encode() takes text (a str), got {type(text).__name__}")
         if self.tokenizer is None:
             raise RequestError(f"{self.directory} has no tokenizer.json: pass token ids instead of text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes smuggled in by surrogateescape
+            raise RequestError(f"the text is not valid Unicode: {text[e.start]!r} at character {e.start}") from None
         return self.tokenizer.encode(text).ids
 
     def decode(self, tokens: Sequence[int]) -> str:
+        ids = self._token_ids("decode() tokens", tokens)
         if self.tokenizer is None:
             raise RequestError(f"{self.directory} has no tokenizer.json: token ids cannot be turned into text")
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -212,6 +233,8 @@ class MesaEngine:
         """(rows, batched): one prompt is text or a 1-D sequence of ids; a batch is a list of those
         or a 2-D array."""
         if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+            if not len(prompt):
+                raise RequestError("empty batch: give at least one prompt")
             return [self._ids(row) for row in prompt], True
         if (isinstance(prompt, (list, tuple)) and prompt
                 and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)):
@@ -224,7 +247,7 @@ class MesaEngine:
         else:
             try:
                 ids = np.asarray(prompt)
-            except ValueError:
+            except (ValueError, TypeError, OverflowError):  # ragged, or objects numpy cannot hold
                 raise RequestError("a batch is a list of prompts; a prompt is a flat list of token ids") from None
             if ids.ndim != 1:
                 raise RequestError(f"a prompt is a 1-D sequence of token ids, got an array of shape {ids.shape}")
@@ -245,15 +268,47 @@ class MesaEngine:
         except mesa.MesaParamError as e:
             raise RequestError(str(e)) from None
 
-    def _request(self, rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens) -> _Request:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    def _token_ids(self, what: str, tokens) -> list[int]:
+        """A sequence of ids inside the vocabulary, as ints; RequestError naming `what` otherwise."""
         try:
-            sampling = Sampling(float(temperature), int(top_k), float(top_p), seed)
-            stop = frozenset(int(t) for t in (self.manifest.eos_token_ids if stop_tokens is None else stop_tokens))
-        except (TypeError, ValueError) as e:
+            ids = None if isinstance(tokens, (str, bytes)) else list(tokens)
+        except TypeError:  # not iterable (a number, a 0-d array)
+            ids = None
+        if ids is None:
+            raise RequestError(f"{what} must be a sequence of token ids, got {tokens!r}")
+        vocab = self.manifest.vocab_size
+        bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"{what}: {bad[0]!r} is not a token id in [0, {vocab})")
+        return [int(t) for t in ids]
+
+    def _request(self, rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, progress) -> _Request:
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        _check_progress(progress)
+        try:
+            sampling = Sampling(temperature, top_k, top_p, seed)
+        except ValueError as e:
             raise RequestError(f"bad generation settings: {e}") from None
-        return _Request(rows, self._plans(rows, int(max_new_tokens)), int(max_new_tokens), sampling, stop)
+        stop = (self.manifest.eos_token_ids if stop_tokens is None
+                else self._token_ids("stop_tokens", stop_tokens))
+        return _Request(rows, self._plans(rows, int(max_new_tokens)), int(max_new_tokens), sampling, frozenset(stop))
+
+
+def _host_memory() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: let the allocation say
+        return math.inf
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise RequestError(f"progress must be a callable(done, total) or None, got {progress!r}")
 
 
 def cache_shape(m: Manifest) -> CacheShape:
@@ -270,7 +325,8 @@ def _same_dims(a: list, b: list) -> bool:
 
 
 def check_graph(session, m: Manifest, directory: Path) -> None:
-    """The manifest must describe the graph beside it: same I/O, dtypes, cache layout and vocabulary."""
+    """The manifest must describe the graph beside it: same I/O, dtypes, cache layout and vocabulary, and
+    the method, parameters and contract hash the exporter wrote into the graph's metadata."""
     def mismatch(detail: str) -> LoadError:
         return LoadError(f"{directory}: {MANIFEST} does not describe {MODEL_FILE} ({detail}); re-export the engine")
 
@@ -293,6 +349,9 @@ def check_graph(session, m: Manifest, directory: Path) -> None:
         for want in (specs[name].shape, from_fields.get(name, specs[name].shape)):
             if not _same_dims(list(arg.shape), want):
                 raise mismatch(f"{name} has shape {list(arg.shape)} in the graph, {want} in the manifest")
+    detail = metadata_mismatch(session.get_modelmeta().custom_metadata_map, m)
+    if detail:  # what I/O shapes cannot show: the method, the Mesa parameters, the rest of the contract
+        raise mismatch(detail)
 
 
 def load_tokenizer(directory: Path):

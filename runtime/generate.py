@@ -5,20 +5,22 @@
 
 One prompt streams its tokens (text when the engine has a tokenizer, else ids) to stdout as they
 come; a batch (a list of lists in --input-ids-file) prints one line per row. The backend, prefill
-progress and timings go to stderr. Bad input: one line on stderr and exit code 2.
+progress and timings go to stderr. Bad input: one line on stderr and exit code 2; Ctrl-C: one line
+and exit code 130, also while the heavy modules (numpy, onnxruntime) are still being imported, which
+is why this module imports only the standard library at the top.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 PROGRESS_MIN_TOKENS = 1024  # prompts at least this long show a prefill bar (tokens/s)
 
 
@@ -58,6 +60,41 @@ def fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def interruptible(main):
+    """main(argv) -> exit code, with Ctrl-C anywhere in it (imports included) one line and EXIT_INTERRUPTED."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    return run
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file; ValueError naming the file when it is not UTF-8 (OSError when unreadable)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+def read_ids(path: str) -> list:
+    """A JSON list of token ids, or a list of such lists (a batch); ValueError naming the file otherwise."""
+    try:
+        ids = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
+    rows = ids if isinstance(ids, list) and ids and all(isinstance(r, list) for r in ids) else [ids]
+    if not all(isinstance(r, list) for r in rows):
+        raise ValueError(f"{path} must hold a JSON list of token ids (or a list of lists)")
+    bad = [t for r in rows for t in r if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:  # strings would otherwise read as a batch of texts, floats as ids
+        raise ValueError(f"{path}: token ids must be integers, got {json.dumps(bad[0])}")
+    return ids
+
+
 class PrefillBar:
     """A progress callback for MesaEngine: a tokens/s bar on stderr for prompts worth watching."""
 
@@ -79,16 +116,14 @@ class PrefillBar:
 def read_prompt(args):
     """Text, a list of ids, or a list of lists (a batch); ValueError/OSError say what is wrong."""
     if args.prompt is not None:
+        try:  # undecodable bytes in argv arrive as lone surrogates (PEP 383)
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"--prompt is not valid UTF-8 text (an undecodable byte at character {e.start})") from None
         return args.prompt
     if args.prompt_file is not None:
-        return Path(args.prompt_file).read_text()
-    try:
-        ids = json.loads(Path(args.input_ids_file).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{args.input_ids_file} is not JSON: {e}") from None
-    if not isinstance(ids, list):
-        raise ValueError(f"{args.input_ids_file} must hold a JSON list of token ids (or a list of lists)")
-    return ids
+        return read_text(args.prompt_file)
+    return read_ids(args.input_ids_file)
 
 
 def sampling_args(args) -> dict:
@@ -134,8 +169,11 @@ def result_json(g) -> dict:
             "prefill_seconds": g.prefill_seconds, "decode_seconds": g.decode_seconds}
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import numpy as np
+
     from runtime.engine import EngineError, MesaEngine
 
     try:
@@ -165,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(g.text if g.text is not None else " ".join(map(str, g.tokens)))
     except (EngineError, ValueError, OSError) as e:
         return fail(str(e))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -1,6 +1,8 @@
 """`python -m runtime.score DIR --text-file F`: perplexity of a text under an exported Mesa engine.
 
 The whole text is one prompt, prefilled by its Mesa plan; row i of the logits predicts token i + 1.
+Like runtime.generate, it imports only the standard library at the top (Ctrl-C during the imports is
+one line and exit code 130).
 """
 
 from __future__ import annotations
@@ -8,15 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from runtime.generate import PrefillBar, fail
+from runtime.generate import PrefillBar, fail, interruptible, read_ids, read_text
 
 
-def perplexity(logits: np.ndarray, ids) -> float:
+def perplexity(logits, ids) -> float:
     """exp of the mean negative log-likelihood of tokens 1..L-1, each scored by the row before it."""
+    import numpy as np
+
     ids = np.asarray(ids)
     x = logits[:-1].astype(np.float64)
     top = x.max(axis=1)
@@ -38,26 +39,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from runtime.engine import EngineError, MesaEngine
+    from runtime.engine import EngineError, MesaEngine, RequestError
 
+    source = args.input_ids_file if args.text_file is None else args.text_file
     try:
-        if args.text_file is not None:
-            text = Path(args.text_file).read_text()
-        else:
-            ids = json.loads(Path(args.input_ids_file).read_text())
+        text_or_ids = read_text(source) if args.text_file is not None else read_ids(source)
         engine = MesaEngine.load(args.engine, backend=args.backend)
         print(f"backend: {engine.backend}", file=sys.stderr)
-        if args.text_file is not None:
-            ids = engine.encode(text)
-        if not isinstance(ids, list) or len(ids) < 2:
-            return fail("perplexity needs a flat list of at least 2 tokens")
-        logits = engine.score(ids, progress=PrefillBar())
-    except json.JSONDecodeError as e:
-        return fail(f"{args.input_ids_file} is not JSON: {e}")
-    except (EngineError, OSError) as e:
+    except (EngineError, ValueError, OSError) as e:
         return fail(str(e))
+    try:  # from here on, what is wrong is the text or the ids in `source`
+        ids = engine.encode(text_or_ids) if args.text_file is not None else text_or_ids
+        if any(isinstance(t, list) for t in ids) or len(ids) < 2:
+            return fail(f"{source}: perplexity needs a flat list of at least 2 tokens")
+        logits = engine.score(ids, progress=PrefillBar())
+    except RequestError as e:
+        return fail(f"{source}: {e}")
     ppl = perplexity(logits, ids)
     if args.json:
         print(json.dumps({"perplexity": ppl, "tokens": len(ids), "backend": engine.backend}))

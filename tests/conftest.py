@@ -94,6 +94,20 @@ def tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overr
     return Path(directory)
 
 
+def reference(model_dir, params: mesa.MesaParams, max_len: int, method: str = "mesa"):
+    """(step, cache): the PyTorch reference decoder (export.reference.TorchStep) over a fresh cache."""
+    from export import loading, onnx_export
+    from export.reference import TorchStep
+    from runtime.kv_cache import CacheShape, KVCache
+
+    path, alias = loading.resolve_model(str(model_dir))
+    config = loading.load_config(path)
+    lm = onnx_export.build_model(path, config, params, method, max_len, "fp32", alias)
+    a = lm.model.args
+    cache = KVCache(CacheShape(a.num_hidden_layers, a.num_key_value_heads, max_len, a.head_dim))
+    return TorchStep(lm.model), cache
+
+
 def export_engine(model_dir: Path, out: Path, max_len: int, extra: list[str] = ()) -> Path:
     """Run the real export CLI in-process; fails the test on a non-zero exit."""
     from export.cli import main

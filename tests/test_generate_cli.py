@@ -126,6 +126,9 @@ def error_cases(engine_dir: Path, tmp: Path) -> dict[str, tuple[list[str], str]]
     floats.write_text("[1.5, 2]")
     bad_json.write_text("[1, 2")
     batch.write_text("[[1, 2], [3]]")
+    strings, latin1 = tmp / "strings.json", tmp / "latin1.txt"
+    strings.write_text('["a", "b"]')
+    latin1.write_bytes("caf\u00e9".encode("latin-1"))
     incomplete = tmp / "incomplete"
     shutil.copytree(engine_dir, incomplete)
     (incomplete / "model.onnx").unlink()
@@ -146,6 +149,16 @@ def error_cases(engine_dir: Path, tmp: Path) -> dict[str, tuple[list[str], str]]
         "engine missing": ([str(tmp / "nowhere"), "--input-ids-file", str(ids)], "does not exist"),
         "engine incomplete": ([str(incomplete), "--input-ids-file", str(ids)], "model.onnx is missing"),
         "no new tokens": ([e, "--input-ids-file", str(ids), "--max-new-tokens", "0"], "positive integer"),
+        # once a wrong message ("stream() takes one prompt", "does not exist") or a traceback
+        "strings as ids": ([e, "--input-ids-file", str(strings)], f'{strings}: token ids must be integers, got "a"'),
+        "engine is a file": ([str(ids), "--input-ids-file", str(ids)], f"engine directory {ids} is not a directory"),
+        "prompt not UTF-8": ([e, "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
+        "prompt file not UTF-8": ([e, "--prompt-file", str(latin1)],
+                                  f"{latin1} is not UTF-8 text (byte 0xe9 at offset 3)"),
+        "nan temperature": ([e, "--input-ids-file", str(ids), "--temperature", "nan"], "temperature must be >= 0"),
+        "negative seed": ([e, "--input-ids-file", str(ids), "--seed", "-1"], "seed must be >= 0"),
+        "stop token outside": ([e, "--input-ids-file", str(ids), "--stop-token", "600"],
+                               "stop_tokens: 600 is not a token id"),
     }
 
 
@@ -159,7 +172,9 @@ def errors(official_engine, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["too long", "empty prompt", "empty ids", "id outside vocab", "float ids",
                                   "not JSON", "ids file missing", "greedy and temperature", "bad top-p",
-                                  "save-logits of a batch", "engine missing", "engine incomplete", "no new tokens"])
+                                  "save-logits of a batch", "engine missing", "engine incomplete", "no new tokens",
+                                  "strings as ids", "engine is a file", "prompt not UTF-8", "prompt file not UTF-8",
+                                  "nan temperature", "negative seed", "stop token outside"])
 def test_generate_errors_exit_2_with_one_line(errors, capsys, name):
     argv, message = errors[name]
     assert generate.main(argv) == 2
@@ -179,6 +194,48 @@ def test_errors_in_a_subprocess_have_no_traceback(errors, official_engine, tmp_p
     (tmp_path / "one.json").write_text("[5]")
     proc = cli("runtime.score", official_engine("a_L300_gqa"), "--input-ids-file", tmp_path / "one.json")
     assert proc.returncode == 2 and "at least 2 tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_score_errors_name_the_file(text_engine, tmp_path, capsys):
+    latin1, long_text, strings = tmp_path / "latin1.txt", tmp_path / "long.txt", tmp_path / "strings.json"
+    latin1.write_bytes("w1 caf\u00e9".encode("latin-1"))
+    long_text.write_text(" ".join(WORDS[i % 500] for i in range(400)))
+    strings.write_text('["w1", "w2"]')
+    for argv, message in [  # once: a traceback, "+ max_new_tokens (0)", "score() takes one prompt"
+        (["--text-file", str(latin1)], f"{latin1} is not UTF-8 text (byte 0xe9 at offset 6)"),
+        (["--text-file", str(long_text)], f"{long_text}: prompt (400 tokens) exceeds max_len 332"),
+        (["--input-ids-file", str(strings)], f'{strings}: token ids must be integers, got "w1"'),
+    ]:
+        assert score.main([str(text_engine), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"error: {message}", err
+
+
+def test_undecodable_prompt_bytes_in_a_subprocess(official_engine):
+    proc = subprocess.run([sys.executable, "-m", "runtime.generate", str(official_engine("a_L5_gqa")), "--prompt",
+                           b"caf\xe9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --prompt is not valid UTF-8 text"), proc.stderr
+
+
+@pytest.mark.parametrize("module, heavy", [("runtime.generate", "numpy"), ("runtime.generate", "onnxruntime"),
+                                           ("runtime.generate", "jsonschema"), ("runtime.score", "numpy")])
+def test_ctrl_c_while_importing_is_one_line(official_engine, tmp_path, module, heavy):
+    """Ctrl-C in the first second, while numpy / onnxruntime load, is simulated by an import hook that
+    raises KeyboardInterrupt the way the signal does (once a traceback from the module's top)."""
+    (tmp_path / "ids.json").write_text("[1, 2, 3]")
+    argv = [module, str(official_engine("a_L5_gqa")), "--input-ids-file", str(tmp_path / "ids.json")]
+    code = (
+        "import runpy, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {heavy!r}: raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        f"sys.argv = {argv!r}\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (130, "interrupted\n")
 
 
 def test_serving_imports_no_torch(official_engine):

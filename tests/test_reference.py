@@ -6,22 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from export import loading, onnx_export
-from export.reference import TorchStep
+from export import loading
 from runtime import mesa, scheduler
-from runtime.kv_cache import CacheShape, KVCache
-from tests.conftest import OfficialCase, tiny_checkpoint
+from tests.conftest import OfficialCase, reference, tiny_checkpoint
 
 TOL = 1e-4
-
-
-def reference(model_dir, params: mesa.MesaParams, max_len: int, method: str = "mesa"):
-    path, alias = loading.resolve_model(str(model_dir))
-    config = loading.load_config(path)
-    lm = onnx_export.build_model(path, config, params, method, max_len, "fp32", alias)
-    a = lm.model.args
-    cache = KVCache(CacheShape(a.num_hidden_layers, a.num_key_value_heads, max_len, a.head_dim))
-    return TorchStep(lm.model), cache
 
 
 def run_fixture(step, cache, case: OfficialCase):

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from conftest import load_official
 
-from runtime import backends, mesa, scheduler
+from runtime import artifact, backends, mesa, scheduler
 from runtime.artifact import MANIFEST, MODEL_FILE
 from runtime.engine import BackendError, EngineError, LoadError, MesaEngine, RequestError
 from runtime.kv_cache import CacheShape
@@ -177,6 +177,25 @@ BAD_REQUESTS = {
     "text without tokenizer": (lambda e, ids: e.generate("hello"), "has no tokenizer.json"),
     "batch to stream": (lambda e, ids: e.stream([ids[:3], ids[:4]]), "stream\\(\\) takes one prompt"),
     "batch to score": (lambda e, ids: e.score([ids[:3], ids[:4]]), "score\\(\\) takes one prompt"),
+    # once ValueError / TypeError / OverflowError from numpy, int(), the tokenizer or the generator
+    "seed negative": (lambda e, ids: e.generate(ids[:5], 2, temperature=1, seed=-1), "seed must be >= 0"),
+    "seed text": (lambda e, ids: e.generate(ids[:5], 2, temperature=1, seed="abc"), "seed must be .* got 'abc'"),
+    "top_k inf": (lambda e, ids: e.generate(ids[:5], 2, temperature=1, top_k=float("inf")), "top_k .* got inf"),
+    "top_k fraction": (lambda e, ids: e.generate(ids[:5], 2, temperature=1, top_k=2.5), "top_k .* an integer"),
+    "temperature nan": (lambda e, ids: e.generate(ids[:5], 2, temperature=float("nan")), "temperature .* got nan"),
+    "temperature text": (lambda e, ids: e.generate(ids[:5], 2, temperature="0.5"), "temperature .* got '0.5'"),
+    "top_p bool": (lambda e, ids: e.generate(ids[:5], 2, temperature=1, top_p=True), "top_p .* got True"),
+    "stop token inf": (lambda e, ids: e.generate(ids[:5], 2, stop_tokens=[float("inf")]), "stop_tokens: inf"),
+    "stop token outside": (lambda e, ids: e.generate(ids[:5], 2, stop_tokens=[512]), r"stop_tokens: 512 .*\[0, 512\)"),
+    "stop tokens number": (lambda e, ids: e.generate(ids[:5], 2, stop_tokens=5), "stop_tokens must be a sequence"),
+    "max_new_tokens float": (lambda e, ids: e.generate(ids[:5], 2.0), "max_new_tokens must be a positive integer"),
+    "progress not callable": (lambda e, ids: e.score(ids[:5], progress=3), "progress must be a callable"),
+    "huge id": (lambda e, ids: e.generate([1, 2**64]), "must be integers"),
+    "empty 2-D batch": (lambda e, ids: e.generate(np.zeros((0, 4), dtype=np.int64)), "empty batch"),
+    "encode a number": (lambda e, ids: e.encode(123), r"encode\(\) takes text \(a str\), got int"),
+    "decode negative": (lambda e, ids: e.decode([-1]), r"decode\(\) tokens: -1 is not a token id in \[0, 512\)"),
+    "decode floats": (lambda e, ids: e.decode([1.0]), r"decode\(\) tokens: 1.0 is not a token id"),
+    "decode a number": (lambda e, ids: e.decode(7), r"decode\(\) tokens must be a sequence"),
 }
 
 
@@ -191,6 +210,17 @@ def test_bad_request_is_refused_and_engine_stays_usable(engine, case, name):
     assert engine.generate(ids[:30], 3, stop_tokens=()).tokens == expected
 
 
+def test_scoring_too_long_names_no_new_tokens(engine, case):
+    with pytest.raises(RequestError) as e:
+        engine.score(np.concatenate([case.input_ids, case.input_ids]))
+    assert str(e.value) == "prompt (600 tokens) exceeds max_len 332"  # was "+ max_new_tokens (0)"
+
+
+def test_sampling_survives_a_tiny_temperature(engine, case):
+    greedy = engine.generate(case.input_ids[:40], 4, stop_tokens=()).tokens
+    assert engine.generate(case.input_ids[:40], 4, temperature=1e-300, seed=0, stop_tokens=()).tokens == greedy
+
+
 def edited_copy(src, dst, **manifest_changes):
     shutil.copytree(src, dst)
     m = json.loads((dst / MANIFEST).read_text())
@@ -203,6 +233,8 @@ def edited_copy(src, dst, **manifest_changes):
 def test_load_errors(engine_dir, tmp_path):
     with pytest.raises(LoadError, match="does not exist"):
         MesaEngine.load(tmp_path / "nowhere")
+    with pytest.raises(LoadError, match="mesa.json is not a directory"):  # was "does not exist"
+        MesaEngine.load(engine_dir / MANIFEST)
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadError, match="has no mesa.json"):
         MesaEngine.load(tmp_path / "empty")
@@ -239,6 +271,113 @@ def test_manifest_io_mismatch(engine_dir, tmp_path):
         MesaEngine.load(edited_copy(engine_dir, tmp_path / "e", inputs=m["inputs"]))
 
 
+# ------------------------------------------------------------------------------ the manifest, bound to its graph
+
+def rewritten_copy(src, dst, edit):
+    """A copy of the engine whose mesa.json is edit(manifest dict) (edit may mutate it and return None)."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    out = edit(m)
+    (dst / MANIFEST).write_text(json.dumps(m if out is None else out))
+    return dst
+
+
+def without(d: dict, key: str) -> None:
+    del d[key]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: [], r"field \(the whole manifest\): \[\] is not of type 'object'"),
+    (lambda m: m.update(max_len="332"), "field max_len: '332' is not of type 'integer'"),
+    (lambda m: m.update(max_len=332.0), "field max_len: 332.0 is not of type 'integer'"),
+    (lambda m: m["params"].update(stairs=2), "field params.stairs is not a manifest field"),
+    (lambda m: without(m["params"], "push_width"), "field params.push_width is missing"),
+    (lambda m: m.update(notes="hi"), "field notes is not a manifest field"),
+    (lambda m: without(m, "passes"), "field passes is missing"),
+    (lambda m: m["inputs"][1]["shape"].__setitem__(0, 2.5), r"field inputs\[1\].shape\[0\]: 2.5 is not of type"),
+    (lambda m: m.update(method="stairs"), r"field method: 'stairs' is not one of \['mesa', 'origin'\]"),
+    (lambda m: m["params"].update(first_chunk=200), "field params: first_chunk F=200 must be below train_length"),
+    (lambda m: m.update(eos_token_ids=[-2]), r"field eos_token_ids\[0\]: -2 is less than the minimum of 0"),
+])
+def test_malformed_manifest_is_one_load_error_naming_the_field(engine_dir, tmp_path, edit, message):
+    """Once AttributeError / TypeError from the dataclass, or (method) a RequestError on every request."""
+    with pytest.raises(LoadError, match=f"mesa.json is unreadable: {message}"):
+        MesaEngine.load(rewritten_copy(engine_dir, tmp_path / "e", edit), backend="ort-cpu")
+
+
+def test_manifest_that_is_not_utf8(engine_dir, tmp_path):
+    bad = edited_copy(engine_dir, tmp_path / "e")
+    (bad / MANIFEST).write_bytes(b'{"method": "\xff"}')
+    with pytest.raises(LoadError, match="mesa.json is unreadable: 'utf-8' codec can't decode byte 0xff"):
+        MesaEngine.load(bad)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["params"].update(train_length=100), "params.train_length is 128 in the graph, 100 in the manifest"),
+    (lambda m: m.update(method="origin"), "method is mesa in the graph, origin in the manifest"),
+    (lambda m: m.update(largest_distance=9), r"the manifest's contract fields \(.*\) are not those .* exported for"),
+])
+def test_edited_manifest_is_refused_by_the_graph(engine_dir, tmp_path, edit, message):
+    """Schema-valid edits that once loaded and silently changed the logits."""
+    with pytest.raises(LoadError, match=f"does not describe model.onnx \\({message}\\)"):
+        MesaEngine.load(rewritten_copy(engine_dir, tmp_path / "e", edit), backend="ort-cpu")
+
+
+def test_descriptive_fields_may_be_edited(engine_dir, engine, case, tmp_path):
+    edit = lambda m: m.update(eos_token_ids=[7], passes=[], source={**m["source"], "model": "renamed"})  # noqa: E731
+    edited = MesaEngine.load(rewritten_copy(engine_dir, tmp_path / "e", edit), backend="ort-cpu")
+    assert edited.manifest.eos_token_ids == [7]
+    assert edited.generate(case.input_ids[:40], 5, stop_tokens=()).tokens == \
+        engine.generate(case.input_ids[:40], 5, stop_tokens=()).tokens
+
+
+def test_graph_of_another_export_is_refused(engine_dir, case, tmp_path):
+    """model.onnx of an export with another --push-width beside this manifest: same I/O, other logits."""
+    import contextlib
+    import io
+
+    from conftest import export_engine
+
+    flags = case.export_args()
+    flags[flags.index("--push-width") + 1] = "8"
+    with contextlib.redirect_stdout(io.StringIO()):
+        other = export_engine(case.model_dir, tmp_path / "pw8", case.max_len, [*flags, "--no-verify"])
+    mixed = edited_copy(engine_dir, tmp_path / "mixed")
+    shutil.copyfile(other / MODEL_FILE, mixed / MODEL_FILE)
+    with pytest.raises(LoadError, match=r"\(params.push_width is 8 in the graph, 4 in the manifest\)"):
+        MesaEngine.load(mixed, backend="ort-cpu")
+
+
+def test_exported_graph_carries_its_manifest(engine_dir, tmp_path):
+    import onnx
+
+    session = ort.InferenceSession(str(engine_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    found = session.get_modelmeta().custom_metadata_map
+    manifest = artifact.load_manifest(engine_dir)
+    assert {k: found[k] for k in artifact.graph_metadata(manifest)} == artifact.graph_metadata(manifest)
+    assert json.loads(found["mesa.params"]) == manifest.params and found["mesa.max_len"] == "332"
+    bare = edited_copy(engine_dir, tmp_path / "bare")  # as exported before graphs carried their manifest
+    model = onnx.load(bare / MODEL_FILE)
+    del model.metadata_props[:]
+    onnx.save(model, bare / MODEL_FILE)
+    with pytest.raises(LoadError, match="the graph carries no mesa.method, mesa.params"):
+        MesaEngine.load(bare, backend="ort-cpu")
+
+
+def test_schema_file_is_the_manifest(engine_dir):
+    """mesa.schema.json mirrors the runtime: its methods, its fields, and it ships with the package."""
+    import tomllib
+
+    schema = json.loads(artifact.SCHEMA_FILE.read_text())
+    assert schema["properties"]["method"]["enum"] == list(mesa.METHODS)
+    assert set(schema["required"]) == set(schema["properties"]) == set(artifact.Manifest.__dataclass_fields__)
+    assert set(schema["properties"]["params"]["required"]) == set(mesa.MesaParams.__dataclass_fields__)
+    assert set(artifact.CONTRACT_FIELDS) <= set(schema["properties"])
+    project = tomllib.loads((artifact.SCHEMA_FILE.parents[1] / "pyproject.toml").read_text())
+    assert "mesa.schema.json" in project["tool"]["setuptools"]["package-data"]["runtime"]
+    assert any(d.startswith("jsonschema") for d in project["project"]["dependencies"])
+
+
 def test_malformed_tokenizer(engine_dir, tmp_path):
     bad = edited_copy(engine_dir, tmp_path / "e")
     (bad / "tokenizer.json").write_text("{")
@@ -253,6 +392,13 @@ def test_backend_errors(engine_dir, tmp_path):
         MesaEngine.load(edited_copy(engine_dir, tmp_path / "bf16", dtype="bf16"))
     with pytest.raises(RequestError, match="slots"):
         MesaEngine.load(engine_dir, slots=0)
+    for slots in (1.5, "2", True, None):  # once TypeError from range() or <
+        with pytest.raises(RequestError, match=f"slots must be an integer >= 1, got {slots!r}"):
+            MesaEngine.load(engine_dir, slots=slots)
+    with pytest.raises(RequestError, match=r"slots=1000000000000: .* GiB, more than this machine's"):
+        MesaEngine.load(engine_dir, slots=10**12)  # refused before allocating, not by the OOM killer
+    with pytest.raises(RequestError, match="directory must be a path"):
+        MesaEngine.load(123)
     assert issubclass(LoadError, EngineError) and issubclass(RequestError, ValueError)
 
 
