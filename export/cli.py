@@ -133,7 +133,7 @@ def export(args) -> int:
         from tqdm import tqdm
 
         from export import onnx_export, verify
-        from graph_ops import pipeline, precision
+        from graph_ops import pipeline
 
         staging = commit.stage(out)
         bar = tqdm(total=5, desc="export", unit="stage", file=sys.stderr,
@@ -163,7 +163,7 @@ def export(args) -> int:
         gc.collect()
         bar.update()
         stage("verify")
-        check = precision.check_quantized if args.quantize != "none" else verify.check_engine
+        check = verify.check_quantized if args.quantize != "none" else verify.check_engine
         report = "skipped (--no-verify)" if smoke is None else check(staging.path, smoke)
         onnx_export.write_manifest(staging.path, manifest)  # last: only a verified directory gets one
         bar.update()

@@ -35,18 +35,13 @@ class LoadedModel:
     dtype: str
 
 
-def graph_params(params: mesa.MesaParams, method: str, max_len: int) -> mesa.MesaParams:
-    """The T and pw baked into the graph: origin is the same formulas with T = max_len (no stairs)."""
-    return mesa.origin_params(max_len) if method == "origin" else params
-
-
 def build_model(path: Path, config, params: mesa.MesaParams, method: str, max_len: int, dtype: str,
                 alias: loading.Alias | None = None) -> LoadedModel:
     """Build MesaDecoder on the meta device and assign the checkpoint's tensors: one copy in memory.
     The checkpoint's names and shapes are checked against the model first, from the file headers, so a
     mismatch is one ModelLoadError before any tensor data is read."""
     args = ModelArgs.from_hf_config(config, loading.rope_config(config))
-    g = graph_params(params, method, max_len)
+    g = mesa.graph_params(params, method, max_len)
     with torch.device("meta"):
         model = MesaDecoder(args, max_len, g.train_length, g.push_width)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -21,6 +21,13 @@ Kernels (one rule class, four variants):
   would use positions past+i, not stairs) and pre-scaled by log-n.
 - `auto`: both, picked per step by an If on the block length: `attention` for single-token steps
   (decode), `gqa` for prefill chunks — each is the faster of the two there (README, measured).
+- `inplace`: `gqa` for prefill chunks, and for decode steps GroupQueryAttention over a per-layer
+  cache of keys already rotated at their stair positions (`past_key_{l}`, `past_value_{l}`), bound by
+  the runtime as both past and present so ORT appends the new row in place (share-buffer mode) and
+  reads only each row's own `seqlens_k` + 1 keys: no copy, no re-rotation, rows of different lengths
+  in one call. The new key and query are rotated by GQA itself at position seqlens_k (= S - 1: under
+  Stair PE the newest key keeps its index) and the query is pre-scaled by log-n of its row. An If on
+  the `decode_step` input picks the branch; the prefill branch passes the per-layer caches through.
 - `decomposed`: ai.mesa::MesaAttend, the explicit rotate-half / MatMul / Softmax form of the original
   body, for backends that should see nothing but elementary ops (TensorRT, see tensorrt_ops.py).
 
@@ -34,8 +41,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from graph_ops import mesa_op
+from runtime.artifact import DECODE_CACHE, DECODE_INPUTS, DECODE_PRESENT
 
-KERNELS = ("attention", "gqa", "auto", "decomposed")
+KERNELS = ("attention", "gqa", "auto", "inplace", "decomposed")
+
 D = mesa_op.DOMAIN
 
 
@@ -48,11 +57,11 @@ def _static_dims(value: ir.Value, axes: tuple[int, ...]) -> list[int] | None:
 
 
 class LowerMesaAttention(pattern.RewriteRuleClassBase):
-    def __init__(self, kernel: str):
+    def __init__(self, kernel: str, decode: "DecodeInputs | None" = None):
         if kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         super().__init__(f"LowerMesaAttention[{kernel}]")
-        self.kernel = kernel
+        self.kernel, self.decode = kernel, decode
 
     def pattern(self, op, q, k, v, k_cache, v_cache, cos, sin, sink_len, window_start, write_pos, chunk_width):
         return op.MesaAttention(q, k, v, k_cache, v_cache, cos, sin, sink_len, window_start, write_pos,
@@ -96,6 +105,9 @@ class LowerMesaAttention(pattern.RewriteRuleClassBase):
         gqa_args = (q_rot, *rows, cached_ids, query_ids, seqlens, total, heads, kv_heads, head_dim)
         if self.kernel == "gqa":
             return _gqa(op, *gqa_args)
+        if self.kernel == "inplace":
+            return self.decode.lower(op, layer, T, q, k, v, cos, sin, heads, kv_heads, head_dim,
+                                     lambda b: _gqa(b, *gqa_args))
         # auto: single-token steps (decode) -> Attention, longer blocks (prefill chunks) -> GroupQueryAttention
         is_decode = op.Equal(op.Shape(query_ids, start=1, end=2), op.Constant(value_ints=[1]))
         decode = _branch("decode", lambda b: _attention(b, q_rot, *rows, key_ids, visible), q)
@@ -127,6 +139,58 @@ def _gqa(op, q_rot, k, v, sink_k, window_k, sink_v, window_v, cos, sin, cached_i
     return op.Transpose(op.Reshape(attn, op.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
 
 
+class DecodeInputs:
+    """The `inplace` kernel's graph inputs and, per layer, the present outputs it binds to them."""
+
+    def __init__(self, graph: ir.Graph, k_cache: ir.Value):
+        layers, _, kv_heads, max_len, head_dim = k_cache.shape
+        self.graph = graph
+        self.flag = self._input(DECODE_INPUTS[0], ir.DataType.BOOL, [])
+        self.seqlens = self._input(DECODE_INPUTS[1], ir.DataType.INT32, ["batch"])
+        self.total = self._input(DECODE_INPUTS[2], ir.DataType.INT32, [])
+        rows = ["batch", kv_heads, max_len, head_dim]
+        self.past = {(kind, layer): self._input(DECODE_CACHE.format(kind, layer), k_cache.dtype, rows)
+                     for layer in range(layers) for kind in ("key", "value")}
+        self.present: dict[tuple[str, int], ir.Value] = {}
+
+    def _input(self, name: str, dtype: ir.DataType, dims: list) -> ir.Value:
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+        self.graph.inputs.append(value)
+        return value
+
+    def lower(self, op, layer, T, q, k, v, cos, sin, heads, kv_heads, head_dim, prefill):
+        past_k, past_v = self.past["key", layer], self.past["value", layer]
+
+        def decode(b):
+            # log-n of the one query of each row: λ = max(1, ln(S) / ln T), S = seqlens_k + 1
+            S = b.Add(b.Cast(self.seqlens, to=ir.DataType.FLOAT), b.Constant(value_float=1.0))
+            lam = b.Max(b.Div(b.Log(S), b.Log(b.Constant(value_float=float(T)))), b.Constant(value_float=1.0))
+            scale = b.CastLike(b.Reshape(lam, b.Constant(value_ints=[-1, 1, 1])), q)
+            flat = b.Constant(value_ints=[0, 0, -1])
+            bsh = lambda x: b.Reshape(b.Transpose(x, perm=[0, 2, 1, 3]), flat)  # noqa: E731
+            attn, pk, pv = b.GroupQueryAttention(
+                b.Mul(bsh(q), scale), bsh(k), bsh(v), past_k, past_v, self.seqlens, self.total, cos, sin,
+                num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+                _domain="com.microsoft", _outputs=3)
+            out = b.Transpose(b.Reshape(attn, b.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
+            return out, pk, pv
+
+        def passthrough(b):  # prefill: the decode caches are untouched (bound in place, so no copy)
+            return prefill(b), b.Identity(past_k), b.Identity(past_v)
+
+        out, pk, pv = op.If(self.flag, then_branch=_branch("decode", decode, q, past_k),
+                            else_branch=_branch("prefill", passthrough, q, past_k), _outputs=3)
+        self.present["key", layer], self.present["value", layer] = pk, pv
+        return out
+
+    def add_outputs(self) -> None:
+        for (kind, layer), value in sorted(self.present.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            value.name = DECODE_PRESENT.format(kind, layer)
+            value.shape = self.past[kind, layer].shape
+            value.dtype = self.past[kind, layer].dtype
+            self.graph.outputs.append(value)
+
+
 class _TapeOps:
     """`op.Name(*inputs, _domain=..., _outputs=n, **attributes)` over an onnx_ir Tape, for If branches."""
 
@@ -141,20 +205,28 @@ class _TapeOps:
         return emit
 
 
-def _branch(name: str, build, like: ir.Value) -> ir.Graph:
+def _branch(name: str, build, like: ir.Value, cache_like: ir.Value | None = None) -> ir.Graph:
+    """A subgraph from `build(ops)`: one output shaped like `like`, or (that, cache, cache)."""
     b = _TapeOps()
-    out = build(b)
-    out.dtype = like.dtype
-    out.shape = like.shape
-    return ir.Graph(inputs=[], outputs=[out], nodes=b.tape.nodes, name=name)
+    outs = build(b)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    for out, ref in zip(outs, [like, cache_like, cache_like]):
+        out.dtype, out.shape = ref.dtype, ref.shape
+    return ir.Graph(inputs=[], outputs=outs, nodes=b.tape.nodes, name=name)
 
 
 def lower_attention(model: ir.Model, kernel: str = "attention") -> int:
     """Replace every MesaAttention by `kernel`; returns how many were replaced."""
     for fn in mesa_op.part_functions():
         model.functions.setdefault(fn.identifier(), fn)
-    count = pattern.RewriteRuleSet([LowerMesaAttention.rule(kernel)]).apply_to_model(model)
-    if kernel in ("gqa", "auto") and count:
+    decode = None
+    if kernel == "inplace":
+        k_cache = next(v for v in model.graph.inputs if v.name == "k_cache")
+        decode = DecodeInputs(model.graph, k_cache)
+    count = pattern.RewriteRuleSet([LowerMesaAttention.rule(kernel, decode)]).apply_to_model(model)
+    if decode is not None:
+        decode.add_outputs()
+    if kernel in ("gqa", "auto", "inplace") and count:
         model.opset_imports.setdefault("com.microsoft", 1)
     ir.passes.common.RemoveUnusedFunctionsPass()(model)
     return count

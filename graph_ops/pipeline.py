@@ -38,7 +38,7 @@ TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")
 QUANTIZE = ("none", "int4")
 # Measured (scripts/bench_passes.py, model M, 8k prompt, 2-core CPU, medians of 3): prefill / decode at 8k
 # gqa 22.3 s / 119 ms, attention 28.6 s / 82 ms, auto 22.2 s / 85 ms (portable: 36.4 s / 102 ms).
-ORT_CPU_KERNEL = "auto"
+ORT_CPU_KERNEL = "inplace"
 
 
 class PassError(RuntimeError):

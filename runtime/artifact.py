@@ -37,6 +37,13 @@ CACHE_LAYOUT = ("layers", "batch", "kv_heads", "max_len", "head_dim")
 DECODE_INPUTS = ("decode_step", "seqlens_k", "total_sequence_length")
 DECODE_CACHE = "past_{}_{}"
 DECODE_PRESENT = "present_{}_{}"
+def decode_io(layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) an in-place-decode graph has beyond STEP_INPUTS / STEP_OUTPUTS."""
+    caches = [(kind, l) for l in range(layers) for kind in ("key", "value")]
+    return (DECODE_INPUTS + tuple(DECODE_CACHE.format(*c) for c in caches),
+            tuple(DECODE_PRESENT.format(*c) for c in caches))
+
+
 ROPE_FILE = "rope.npy"  # float32 [2, max_len, head_dim / 2]: the graph's cos, sin tables, for re-rotation
 SCHEMA_FILE = Path(__file__).with_name("mesa.schema.json")
 # What decides the graph's logits and how it is driven; the rest (source, tokens, passes) only describes it.

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime import mesa
+from runtime.artifact import DECODE_CACHE, DECODE_INPUTS, DECODE_PRESENT
 from runtime.errors import BackendError, LoadError
 from runtime.kv_cache import CacheShape, KVCache
 
@@ -44,6 +45,11 @@ class OrtStep:
 
     The cache arrays are handed to ORT as they are (CPU tensors wrap the numpy buffers, no copy);
     the graph reads only the visible slots and returns the new rows, which the scheduler writes.
+
+    Engines exported with the `inplace` attention kernel (graph_ops/lower_attention.py; the ort-cpu
+    target) also take `decode(...)`: one call decodes a batch of sequences over a DecodeCache, each
+    row at its own position. Their prefill calls bind the per-layer decode caches too (the graph
+    needs every input) as both past and present, which the prefill branch passes through untouched.
     """
 
     def __init__(self, model: str | Path | ort.InferenceSession, providers: list | None = None,
@@ -53,13 +59,61 @@ class OrtStep:
         else:
             self.session = ort.InferenceSession(str(model), options or ort.SessionOptions(),
                                                 providers=providers or ["CPUExecutionProvider"])
+        names = {i.name for i in self.session.get_inputs()}
+        self.inplace = DECODE_INPUTS[0] in names
+        self.layers = sum(n.startswith("past_key_") for n in names)
+        self.decode_cache = None  # the DecodeCache of an inplace engine, set by its owner
+        self._idle_cache = None  # prefills without a decode cache (export's verify): zeros, never touched
 
     def new_cache(self, shape: CacheShape, dtype=np.float32) -> KVCache:
         return KVCache(shape, dtype)
 
     def __call__(self, input_ids: np.ndarray, step: mesa.Step, logits_to_keep: int, cache: KVCache):
         feeds = {"input_ids": input_ids, "k_cache": cache.k, "v_cache": cache.v, **_scalars(step, logits_to_keep)}
-        logits, new_k, new_v = self.session.run(None, feeds)
+        if not self.inplace:
+            logits, new_k, new_v = self.session.run(None, feeds)
+            return logits, new_k, new_v
+        feeds.update(decode_step=np.array(False), seqlens_k=np.zeros(input_ids.shape[0], np.int32),
+                     total_sequence_length=np.array(1, np.int32))
+        return self._run(feeds, 0, input_ids.shape[0])
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Decode every row of the decode cache, row r consuming tokens[r] at positions[r] (its cached
+        key count); returns logits [slots, vocab]. The kernel appends each row's new key and value in
+        place; rows keep their own positions, anchor and log-n factor. The decode cache is also bound
+        as k_cache/v_cache, which the decode branch does not read: the graph's batch size comes from it."""
+        B, cache = len(tokens), self.decode_cache
+        feeds = {"input_ids": np.asarray(tokens, np.int64).reshape(B, 1), "k_cache": cache.k, "v_cache": cache.v,
+                 "sink_len": np.array(0), "window_start": np.array(0), "write_pos": np.array(0),
+                 "chunk_width": np.array(1), "logits_to_keep": np.array(1), "decode_step": np.array(True),
+                 "seqlens_k": np.asarray(positions, np.int32),
+                 "total_sequence_length": np.array(int(np.max(positions)) + 1, np.int32)}
+        logits, _, _ = self._run(feeds, 0, B)
+        return logits[:, -1]
+
+    def _idle(self):
+        if self._idle_cache is None:
+            arg = next(a for a in self.session.get_inputs() if a.name == DECODE_CACHE.format("key", 0))
+            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
+            zeros = np.zeros((self.layers, 1, *arg.shape[1:]), dtype=dtype)  # calloc: pages stay unallocated
+            self._idle_cache = type("IdleCache", (), {"k": zeros, "v": zeros})
+        return self._idle_cache
+
+    def _run(self, feeds: dict, lo: int, hi: int):
+        """Run with rows lo:hi of every per-layer decode cache bound as both past and present."""
+        cache = self.decode_cache or self._idle()
+        b = self.session.io_binding()
+        for name, value in feeds.items():
+            b.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in ("logits", "new_keys", "new_values"):
+            b.bind_output(name, "cpu")
+        for layer in range(self.layers):
+            for kind, array in (("key", cache.k), ("value", cache.v)):
+                rows = ort.OrtValue.ortvalue_from_numpy(array[layer, lo:hi])  # a view: no copy
+                b.bind_ortvalue_input(DECODE_CACHE.format(kind, layer), rows)
+                b.bind_ortvalue_output(DECODE_PRESENT.format(kind, layer), rows)
+        self.session.run_with_iobinding(b)
+        logits, new_k, new_v = (o.numpy() for o in b.get_outputs()[:3])
         return logits, new_k, new_v
 
 
@@ -186,8 +240,45 @@ def pick_backend(requested: str) -> str:
     return requested
 
 
+OPTIMIZATION_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def session_options(settings: dict | None = None) -> ort.SessionOptions:
+    """ONNX Runtime session options from plain settings:
+
+    | key | value | why |
+    |---|---|---|
+    | intra_op_num_threads | int >= 0 (0 = ORT's choice) | threads per operator |
+    | inter_op_num_threads | int >= 0 | threads across operators |
+    | disable_prepacking | bool | MLAS keeps pre-packed copies of the MatMul weights: off saves their memory (~0.5x the fp32 weights) for some speed |
+    | graph_optimization_level | disable, basic, extended, all | ORT's own graph rewrites at load |
+    """
+    opts = ort.SessionOptions()
+    known = ("intra_op_num_threads", "inter_op_num_threads", "disable_prepacking", "graph_optimization_level")
+    for key, value in (settings or {}).items():
+        if key not in known:
+            raise BackendError(f"unknown session option {key!r}; choose from {', '.join(known)}")
+        if key.endswith("threads"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BackendError(f"{key} must be an integer >= 0, got {value!r}")
+            setattr(opts, key, value)
+        elif key == "disable_prepacking":
+            if not isinstance(value, bool):
+                raise BackendError(f"disable_prepacking must be true or false, got {value!r}")
+            opts.add_session_config_entry("session.disable_prepacking", "1" if value else "0")
+        elif value not in OPTIMIZATION_LEVELS:
+            raise BackendError(f"graph_optimization_level must be one of {', '.join(OPTIMIZATION_LEVELS)}, "
+                               f"got {value!r}")
+        else:
+            opts.graph_optimization_level = OPTIMIZATION_LEVELS[value]
+    return opts
+
+
 def open_backend(requested: str, directory: Path, model_path: Path, cache: CacheShape, max_len: int,
-                 dtype: str) -> tuple[str, OrtStep | OrtDeviceStep]:
+                 dtype: str, options: ort.SessionOptions | None = None) -> tuple[str, OrtStep | OrtDeviceStep]:
     """Start a session for `requested` ("auto" included); returns (the backend running, its step fn).
 
     ORT falls back to the next provider when one cannot start (e.g. TensorRT libraries missing), so
@@ -199,7 +290,7 @@ def open_backend(requested: str, directory: Path, model_path: Path, cache: Cache
     wanted = pick_backend(requested)
     providers = provider_chain(wanted, directory, cache, max_len, dtype)
     try:
-        session = ort.InferenceSession(str(model_path), providers=providers)
+        session = ort.InferenceSession(str(model_path), options or ort.SessionOptions(), providers=providers)
     except Exception as e:  # ORT's own exception types share no base class but Exception
         raise LoadError(f"ONNX Runtime cannot load {model_path}: {e}") from None
     running = next(b for b, p in PROVIDERS.items() if p == session.get_providers()[0])

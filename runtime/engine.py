@@ -6,44 +6,46 @@
     for token in engine.stream(ids, max_new_tokens=32): ...
     logits = engine.score(ids)                                    # [L, vocab], for perplexity
 
-Each prompt runs by its own Mesa plan (runtime.mesa.check_request: first, middle and last chunks,
-then one decode step per generated token, MESA_SPEC sections 3, 8 and 11) over a KV-cache slot that
-was allocated at load and is reused by every request. Nothing of one request survives into the
-next: a step reads only cache slots its own request wrote.
+    with engine.sequence(ids) as seq:                             # stepwise, like onnxruntime-genai's Generator
+        logits = seq.step(); seq.append([token]); logits = seq.step()
 
-Batches: the step graph takes one set of step scalars per call, and rows of different lengths have
-different plans, so a batch runs its rows one after another in one slot; row r is exactly what the
-same prompt gives alone. Threads: an engine may be shared. `slots` (default 1) caches are allocated
-at load; each request borrows one for its duration (a stream until it is exhausted or closed) and
-waits while all are busy, so up to `slots` requests run at once on one ONNX Runtime session (whose
-run() is thread-safe). Each slot holds 2 x layers x kv_heads x max_len x head_dim values.
+Each prompt runs by its own Mesa plan (runtime.mesa.check_request: first, middle and last chunks,
+then one decode step per generated token, MESA_SPEC sections 3, 8 and 11). Every request goes through
+one continuous batcher (runtime/batcher.py) on its own thread: each iteration decodes every running
+sequence in one call and prefills queued prompts in between, `token_budget` tokens at a time. `slots`
+sequences run at once, each holding one KV-cache slot allocated at load (cache memory: stats()); more
+wait in the queue. Engines exported for ort-cpu decode over a rotated cache in place, all rows in one
+call (runtime/decode_cache.py); others step their rows one by one. A row of a batch, or a request
+among others, gives what it gives alone (sampling uses the request's own seeded generator).
+Threads: an engine may be shared; close() stops the batcher.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime import backends, mesa, scheduler
-from runtime.artifact import (MANIFEST, MODEL_FILE, STEP_INPUTS, STEP_OUTPUTS, ArtifactError, Manifest, load_manifest,
-                              metadata_mismatch)
+from runtime import backends, mesa
+from runtime.artifact import (DECODE_INPUTS, MANIFEST, MODEL_FILE, ROPE_FILE, STEP_INPUTS, STEP_OUTPUTS, ArtifactError,
+                              Manifest, decode_io, load_manifest, metadata_mismatch)
+from runtime.batch_decoder import InplaceDecoder, make_decoder
+from runtime.batcher import DEFAULT_TOKEN_BUDGET, Batcher
 from runtime.errors import BackendError, EngineError, LoadError, RequestError
 from runtime.kv_cache import CacheShape
-from runtime.sampling import Sampling, pick
+from runtime.sampling import Sampling
+from runtime.sequence import Sequence as StepSequence
+from runtime.sequence import TokenStream
 
 __all__ = ["BackendError", "EngineError", "Generation", "LoadError", "MesaEngine", "RequestError"]
 
 DEFAULT_NEW_TOKENS = 64
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-             "tensor(int64)": "int64"}
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 Progress = Callable[[int, int], None]  # (prompt tokens done, prompt tokens in all), after each prefill step
 
 
@@ -71,39 +73,74 @@ class _Request:
 
 
 class MesaEngine:
-    def __init__(self, directory: Path, manifest: Manifest, backend: str, step_fn, slots: int, tokenizer):
+    def __init__(self, directory: Path, manifest: Manifest, backend: str, step_fn, slots: int, tokenizer,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET):
         self.directory, self.manifest, self.backend, self.tokenizer = directory, manifest, backend, tokenizer
         self.params = manifest.mesa_params
         self._step = step_fn
         shape, dtype = cache_shape(manifest), backends.CACHE_DTYPES[manifest.dtype]
-        need = slots * 2 * math.prod(shape.full()) * np.dtype(dtype).itemsize
+        inplace = getattr(step_fn, "inplace", False)
+        need = (slots + inplace) * 2 * math.prod(shape.full()) * np.dtype(dtype).itemsize
         if backend == "ort-cpu" and need > _host_memory():  # refuse now rather than allocate until the OOM killer
             raise RequestError(f"slots={slots}: {slots} KV-cache slots need {need / 2**30:.1f} GiB, more than this "
                                f"machine's {_host_memory() / 2**30:.1f} GiB")
         try:
-            self._free = [step_fn.new_cache(shape, dtype) for _ in range(slots)]
+            steps_params = mesa.graph_params(self.params, manifest.method, manifest.max_len)
+            self._decoder = make_decoder(step_fn, shape, slots, directory, steps_params, dtype)
         except MemoryError:
             raise RequestError(f"slots={slots}: not enough memory for {slots} KV-cache slots of "
                                f"{need / slots / 2**30:.2f} GiB") from None
-        self._slots = threading.Condition()
-        self._holders: list[int] = []  # thread id of each borrowed slot
+        self._batcher = Batcher(step_fn, self._decoder, token_budget)
 
     @classmethod
-    def load(cls, directory: str | Path, backend: str = "auto", slots: int = 1) -> "MesaEngine":
-        """Open an engine directory on `backend` (auto | ort-cpu | ort-cuda | tensorrt)."""
+    def load(cls, directory: str | Path, backend: str = "auto", slots: int = 1,
+             token_budget: int = DEFAULT_TOKEN_BUDGET, session_options: dict | None = None) -> "MesaEngine":
+        """Open an engine directory on `backend` (auto | ort-cpu | ort-cuda | tensorrt).
+
+        slots: sequences served at once (each holds a KV-cache slot of max_len); token_budget: prompt
+        tokens prefilled per batcher iteration between decode steps; session_options: ONNX Runtime
+        settings, e.g. {"intra_op_num_threads": 2, "disable_prepacking": True,
+        "graph_optimization_level": "basic"} (runtime.backends.session_options)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise RequestError(f"directory must be a path (str or os.PathLike), got {directory!r}")
         directory = Path(directory)
-        if not _is_int(slots) or slots < 1:
-            raise RequestError(f"slots must be an integer >= 1, got {slots!r}")
+        for name, value in (("slots", slots), ("token_budget", token_budget)):
+            if not _is_int(value) or value < 1:
+                raise RequestError(f"{name} must be an integer >= 1, got {value!r}")
         try:
             manifest = load_manifest(directory)
         except ArtifactError as e:
             raise LoadError(str(e)) from None
+        options = backends.session_options(session_options)
         name, step_fn = backends.open_backend(backend, directory, directory / MODEL_FILE, cache_shape(manifest),
-                                              manifest.max_len, manifest.dtype)
+                                              manifest.max_len, manifest.dtype, options)
         check_graph(step_fn.session, manifest, directory)
-        return cls(directory, manifest, name, step_fn, int(slots), load_tokenizer(directory))
+        if getattr(step_fn, "inplace", False) and not (directory / ROPE_FILE).is_file():
+            raise LoadError(f"{directory} is incomplete: {ROPE_FILE} is missing; re-export the engine")
+        return cls(directory, manifest, name, step_fn, int(slots), load_tokenizer(directory), int(token_budget))
+
+    def close(self) -> None:
+        """Stop the batcher; requests still running end with an EngineError."""
+        self._batcher.close()
+
+    def __del__(self):  # an engine dropped without close(): stop its batcher thread (no join here)
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            with batcher.cond:
+                batcher.closed = True
+                batcher.cond.notify_all()
+
+    def __enter__(self) -> "MesaEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """Sequences waiting / running, free slots, iterations so far, cache bytes, decode contract."""
+        return {**self._batcher.stats(), "cache_bytes": self._decoder.nbytes,
+                "inplace_decode": isinstance(self._decoder, InplaceDecoder),
+                "rotations": getattr(self._decoder, "rotations", 0)}
 
     @property
     def max_len(self) -> int:
@@ -123,14 +160,12 @@ class MesaEngine:
         """
         rows, batched = self._prompts(prompt)
         req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, progress)
+        streams = [self._stream(ids, plan, req, return_logits, progress) for ids, plan in zip(req.rows, req.plans)]
         results = []
-        with self._slot() as cache:
-            for ids, plan in zip(req.rows, req.plans):
-                out = Generation()
-                for _ in self._run(ids, plan, req, cache, out, return_logits, progress):
-                    pass
-                out.text = self.decode(out.tokens) if self.tokenizer else None
-                results.append(out)
+        for ids, stream in zip(req.rows, streams):  # every row is in the batcher already: they decode together
+            for _ in stream:
+                pass
+            results.append(self._generation(ids, stream, return_logits))
         return results if batched else results[0]
 
     def stream(self, prompt, max_new_tokens: int = DEFAULT_NEW_TOKENS, *, temperature: float = 0.0,
@@ -138,18 +173,24 @@ class MesaEngine:
                stop_tokens: Sequence[int] | None = None, progress: Progress | None = None) -> Iterator[int]:
         """The tokens of one prompt as they are generated (the same tokens `generate` returns).
 
-        The request is checked now; the slot is held from the first token until the iterator is
-        exhausted or closed.
+        The request is checked and queued now; it holds a KV-cache slot until it finishes or the
+        iterator is closed (which cancels it and frees the slot at once).
         """
         rows, batched = self._prompts(prompt)
         if batched:
             raise RequestError("stream() takes one prompt; generate() takes a batch")
         req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, progress)
+        return iter(self._stream(req.rows[0], req.plans[0], req, False, progress))
 
-        def tokens():
-            with self._slot() as cache:
-                yield from self._run(req.rows[0], req.plans[0], req, cache, Generation(), False, progress)
-        return tokens()
+    def sequence(self, prompt, all_logits: bool = False) -> StepSequence:
+        """A sequence to step by hand (runtime.sequence.Sequence): step() runs the prompt by its Mesa plan
+        and returns the last logits; append([token]) then step() runs one decode step per token."""
+        rows, batched = self._prompts(prompt)
+        if batched:
+            raise RequestError("sequence() takes one prompt")
+        (plan,) = self._plans(rows, 0)
+        return StepSequence(self._batcher, dict(ids=rows[0], plan=plan, all_logits=bool(all_logits)),
+                            self.manifest.vocab_size)
 
     def score(self, prompt, progress: Progress | None = None) -> np.ndarray:
         """The logits of every prompt position [L, vocab] (row i predicts token i + 1)."""
@@ -158,10 +199,10 @@ class MesaEngine:
             raise RequestError("score() takes one prompt")
         _check_progress(progress)
         (plan,) = self._plans(rows, 0)
-        with self._slot() as cache:
-            logits, _ = scheduler.prefill(self._step, rows[0], plan, cache, all_logits=True,
-                                          on_step=_reporter(progress, len(rows[0])))
-        return logits
+        seq = StepSequence(self._batcher, dict(ids=rows[0], plan=plan, all_logits=True, decode=False,
+                                               on_progress=progress), self.manifest.vocab_size)
+        seq.step()
+        return seq.prompt_logits
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
@@ -182,52 +223,22 @@ class MesaEngine:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _run(self, ids: np.ndarray, plan: list[mesa.Step], req: _Request, cache, out: Generation,
-             keep_logits: bool, progress: Progress | None) -> Iterator[int]:
-        """Prefill by the plan, then sample and decode one token at a time, filling `out` as it goes."""
-        rng = np.random.default_rng(req.sampling.seed)
-        out.prompt_tokens = len(ids)
-        start = time.perf_counter()
-        logits, seq = scheduler.prefill(self._step, ids, plan, cache, all_logits=keep_logits,
-                                        on_step=_reporter(progress, len(ids)))
-        out.prefill_seconds = time.perf_counter() - start
-        row, decoded = logits[-1], []
-        while True:
-            token = pick(row, req.sampling, rng)
-            out.tokens.append(token)
-            yield token
-            if token in req.stop:
-                out.finish_reason = "stop"
-                break
-            if len(out.tokens) == req.max_new_tokens:
-                break
-            start = time.perf_counter()
-            row = scheduler.decode(self._step, token, seq, cache)
-            out.decode_seconds += time.perf_counter() - start
-            decoded.append(row)
-        if keep_logits:
-            out.prefill_logits = logits
-            out.decode_logits = np.stack(decoded) if decoded else np.zeros((0, logits.shape[1]), logits.dtype)
+    def _stream(self, ids: np.ndarray, plan: list[mesa.Step], req: _Request, keep_logits: bool,
+                progress: Progress | None) -> TokenStream:
+        work = dict(ids=ids, plan=plan, all_logits=keep_logits, on_progress=progress)
+        return TokenStream(self._batcher, work, req.sampling, req.max_new_tokens, req.stop, keep_logits)
 
-    @contextmanager
-    def _slot(self):
-        """Borrow one KV-cache slot; waits while every slot serves another request."""
-        me = threading.get_ident()
-        with self._slots:
-            if not self._free and self._holders.count(me) == len(self._holders):
-                # waiting would never end: only this thread (an unfinished stream of its own) can free one
-                raise RequestError("every KV-cache slot is held by an unfinished stream of this thread: "
-                                   "exhaust or close() it first, or load the engine with more slots")
-            self._slots.wait_for(lambda: self._free)
-            cache = self._free.pop()
-            self._holders.append(me)
-        try:
-            yield cache
-        finally:
-            with self._slots:
-                self._holders.remove(me)
-                self._free.append(cache)
-                self._slots.notify()
+    def _generation(self, ids: np.ndarray, stream: TokenStream, keep_logits: bool) -> Generation:
+        work = stream.work
+        out = Generation(tokens=stream.tokens, finish_reason=stream.finish_reason, prompt_tokens=len(ids),
+                         prefill_seconds=work.prefill_seconds, decode_seconds=sum(work.decode_seconds))
+        out.text = self.decode(out.tokens) if self.tokenizer else None
+        if keep_logits:
+            out.prefill_logits = work.prefill_logits[0]
+            vocab = self.manifest.vocab_size
+            out.decode_logits = np.stack(stream.decode_logits) if stream.decode_logits else np.zeros((0, vocab),
+                                                                                                      np.float32)
+        return out
 
     def _prompts(self, prompt) -> tuple[list[np.ndarray], bool]:
         """(rows, batched): one prompt is text or a 1-D sequence of ids; a batch is a list of those
@@ -315,10 +326,6 @@ def cache_shape(m: Manifest) -> CacheShape:
     return CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim)
 
 
-def _reporter(progress: Progress | None, total: int):
-    return None if progress is None else (lambda step: progress(step.stop, total))
-
-
 def _same_dims(a: list, b: list) -> bool:
     """Shapes agree where both name a fixed size (symbolic dims match anything)."""
     return len(a) == len(b) and all(x == y for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int))
@@ -333,18 +340,23 @@ def check_graph(session, m: Manifest, directory: Path) -> None:
     graph = {a.name: a for a in session.get_inputs() + session.get_outputs()}
     specs = {t.name: t for t in m.inputs + m.outputs}
     expected = set(STEP_INPUTS + STEP_OUTPUTS)
+    inplace_io = set(sum(decode_io(m.num_hidden_layers), ()))
+    if DECODE_INPUTS[0] in graph:  # exported with in-place decode (the ort-cpu target)
+        expected |= inplace_io
     if set(graph) != expected or set(specs) != expected:
         raise mismatch(f"graph I/O {sorted(graph)}, manifest I/O {sorted(specs)}, runtime expects {sorted(expected)}")
     cache = [m.num_hidden_layers, "batch", m.num_key_value_heads, m.max_len, m.head_dim]
     rows = [m.num_hidden_layers, "batch", m.num_key_value_heads, "q", m.head_dim]
     from_fields = {"k_cache": cache, "v_cache": cache, "new_keys": rows, "new_values": rows,
                    "logits": ["batch", "logits_to_keep", m.vocab_size]}
+    from_fields.update({n: cache[1:] for n in inplace_io if n not in DECODE_INPUTS})
     cache_dtype = np.dtype(backends.CACHE_DTYPES.get(m.dtype, np.float32)).name
     for name, arg in graph.items():
         dtype = ORT_TYPES.get(arg.type, arg.type)
         if dtype != specs[name].dtype:
             raise mismatch(f"{name} is {dtype} in the graph, {specs[name].dtype} in the manifest")
-        if name in ("k_cache", "v_cache", "new_keys", "new_values") and dtype != cache_dtype:
+        if (name in ("k_cache", "v_cache", "new_keys", "new_values")
+                or name.startswith(("past_", "present_"))) and dtype != cache_dtype:
             raise mismatch(f"{name} is {dtype} in the graph but the manifest says dtype {m.dtype}")
         for want in (specs[name].shape, from_fields.get(name, specs[name].shape)):
             if not _same_dims(list(arg.shape), want):

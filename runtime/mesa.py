@@ -74,6 +74,11 @@ def origin_params(max_len: int) -> MesaParams:
                       reserve_tokens=0, push_width=1)
 
 
+def graph_params(params: MesaParams, method: Method, max_len: int) -> MesaParams:
+    """The parameters an engine's steps run with: origin is the same formulas with T = max_len + 1."""
+    return origin_params(max_len) if method == "origin" else params
+
+
 # ---------------------------------------------------------------------------------------- §2
 
 def dynamic_split(prompt_len: int, p: MesaParams) -> int:
@@ -225,6 +230,6 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, p: MesaPar
 
 __all__ = [
     "METHODS", "MesaParamError", "MesaParams", "SPLIT_REMAINDER_LIMIT", "Step",
-    "check_request", "decode_step", "dynamic_split", "key_positions", "largest_distance", "logn_scale",
+    "check_request", "decode_step", "dynamic_split", "graph_params", "key_positions", "largest_distance", "logn_scale",
     "max_distance", "origin_params", "prefill_steps",
 ]

@@ -91,36 +91,28 @@ def derive_kernel_variant(portable: Path, out: Path, kernel: str) -> Path:
 
 
 class Runner:
-    """One engine on ONNX Runtime CPU, driven by runtime.scheduler through its Mesa plan."""
+    """One engine on ONNX Runtime CPU as it is served: runtime.engine.MesaEngine, stepped by hand."""
 
     def __init__(self, directory: Path):
-        from runtime import artifact
-        from runtime.backends import OrtStep
-        from runtime.kv_cache import CacheShape
+        from runtime.engine import MesaEngine
 
-        self.manifest = artifact.load_manifest(directory)
-        m = self.manifest
-        self.shape = CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim)
-        self.step = OrtStep(directory / artifact.MODEL_FILE)
+        self.engine = MesaEngine.load(directory, backend="ort-cpu")
+        self.manifest = self.engine.manifest
 
-    def prefill(self, ids: np.ndarray):
-        from runtime import mesa, scheduler
-        from runtime.kv_cache import KVCache
-
-        cache = KVCache(self.shape)
-        steps = mesa.prefill_steps(len(ids), self.manifest.mesa_params, self.manifest.method)
+    def prefill(self, ids: np.ndarray, all_logits: bool = False):
+        """(seconds, last logits, the open sequence)."""
+        seq = self.engine.sequence(ids, all_logits=all_logits)
         t0 = time.perf_counter()
-        logits, seq = scheduler.prefill(self.step, ids, steps, cache, all_logits=False)
-        return time.perf_counter() - t0, logits[-1], seq, cache
+        logits = seq.step()
+        return time.perf_counter() - t0, logits, seq
 
-    def decode(self, seq, cache, tokens: list[int]):
+    def decode(self, seq, tokens: list[int]):
         """Feed `tokens` one by one; returns (seconds per step, logits rows)."""
-        from runtime import scheduler
-
         times, rows = [], []
         for t in tokens:
+            seq.append([t])
             t0 = time.perf_counter()
-            rows.append(scheduler.decode(self.step, t, seq, cache))
+            rows.append(seq.step())
             times.append(time.perf_counter() - t0)
         return times, np.stack(rows)
 
@@ -158,24 +150,24 @@ def timing(engines: dict[str, Path], length: int, decode_tokens: int, repeats: i
     for r in range(repeats):
         for name in order:
             run = runners[name]
-            seconds, last, seq, cache = run.prefill(ids)
+            seconds, last, seq = run.prefill(ids)
             res[name]["prefill_s"].append(seconds)
             if tokens is None:  # the reference's first run: its greedy continuation, fed to every variant
                 tokens, ms, rows = [int(last.argmax())], [], []
                 for _ in range(decode_tokens):
-                    t, row = run.decode(seq, cache, tokens[-1:])
+                    t, row = run.decode(seq, tokens[-1:])
                     ms += t
                     rows.append(row[0])
                     tokens.append(int(row[0].argmax()))
                 tokens, rows = tokens[:decode_tokens], np.stack(rows)
             else:
-                ms, rows = run.decode(seq, cache, tokens)
+                ms, rows = run.decode(seq, tokens)
             res[name]["decode_ms"].append(1e3 * statistics.median(ms))
             if r == 0:
                 last_rows[name], decode_rows[name] = last, rows
             log(f"repeat {r + 1}/{repeats} {name}: prefill {seconds:.1f} s, "
                 f"decode {1e3 * statistics.median(ms):.1f} ms/token")
-            del cache
+            seq.cancel()
             gc.collect()
     for name in engines:
         res[name]["prefill_s_median"] = statistics.median(res[name]["prefill_s"])
@@ -192,11 +184,10 @@ def timing(engines: dict[str, Path], length: int, decode_tokens: int, repeats: i
 # ------------------------------------------------------------------------------ accuracy
 
 def fixture_accuracy(work: Path) -> dict:
-    from tests.conftest import OFFICIAL_CASES, load_official
-    from tests.test_reference import run_fixture
+    from scripts.fixtures import load_official, official_cases
 
     out = {}
-    for name in OFFICIAL_CASES:
+    for name in official_cases():
         case = load_official(name)
         flags = case.export_args()
         runs = {}
@@ -204,9 +195,10 @@ def fixture_accuracy(work: Path) -> dict:
             d = export(case.model_dir, work / "fixtures" / f"{name}_{variant}", case.max_len,
                        "--target", "ort-cpu", *flags, *extra)
             run = Runner(d)
-            from runtime.kv_cache import KVCache
-
-            prefill, decode, _ = run_fixture(run.step, KVCache(run.shape), case)
+            _, _, seq = run.prefill(case.input_ids, all_logits=True)
+            _, decode = run.decode(seq, case.fed_tokens)
+            prefill = seq.prompt_logits
+            seq.cancel()
             runs[variant] = np.concatenate([prefill, decode])
         published = np.concatenate([case.prefill_logits, case.decode_logits])
         out[name] = {"fp32_vs_published": compare(runs["fp32"], published),

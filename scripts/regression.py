@@ -83,72 +83,67 @@ def export_tiny(directory: Path) -> Path:
     return directory / "engine"
 
 
-def slowed(step_fn, factor: float):
-    """A step function that takes (1 + factor) times as long as `step_fn` (for testing the gate)."""
-    if factor <= 0:
-        return step_fn
-
-    def step(*args):
-        t = time.perf_counter()
-        out = step_fn(*args)
-        time.sleep(factor * (time.perf_counter() - t))
-        return out
-
-    return step
-
-
 class Workloads:
-    """The three timed workloads over one engine, each repeatable from the same state."""
+    """The three timed workloads over one engine (runtime.engine.MesaEngine, what users run), each from
+    a fresh sequence so every round does the same work."""
 
     def __init__(self, engine_dir: Path, threads: int, slowdown: float):
-        import onnxruntime as ort
+        from runtime.engine import MesaEngine
 
-        from runtime import artifact, mesa
-        from runtime.backends import OrtStep
-        from runtime.kv_cache import CacheShape, KVCache
-
-        m = artifact.load_manifest(engine_dir)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.step = slowed(OrtStep(engine_dir / artifact.MODEL_FILE, options=opts), slowdown)
-        shape = CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim)
-        self.short_cache, self.long_cache = KVCache(shape), KVCache(shape)
+        self.engine = MesaEngine.load(engine_dir, backend="ort-cpu", slots=2,
+                                      session_options={"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+        self.engine._step.session = _Slowed(self.engine._step.session, slowdown) if slowdown > 0 else \
+            self.engine._step.session
         rng = np.random.default_rng(0)
-        self.short_ids = rng.integers(0, m.vocab_size, PREFILL_TOKENS)
-        long_ids = rng.integers(0, m.vocab_size, LONG_TOKENS)
-        self.short_plan = mesa.check_request(PREFILL_TOKENS, DECODE_TOKENS, m.max_len, m.mesa_params, m.method)
-        long_plan = mesa.check_request(LONG_TOKENS, DECODE_TOKENS, m.max_len, m.mesa_params, m.method)
-        if not any(s.kind == "middle" for s in self.short_plan):
+        vocab = self.engine.manifest.vocab_size
+        self.short_ids = rng.integers(0, vocab, PREFILL_TOKENS)
+        self.long_ids = rng.integers(0, vocab, LONG_TOKENS)
+        plan = self.engine._plans([self.short_ids], DECODE_TOKENS)[0]
+        if not any(s.kind == "middle" for s in plan):
             raise GateError("the gate's prefill prompt has no middle chunk: its settings no longer test Mesa's plan")
-        self.long_logits, self.long_seq = self._prefill(long_ids, long_plan, self.long_cache)
 
-    def _prefill(self, ids, plan, cache):
-        from runtime import scheduler
-
-        return scheduler.prefill(self.step, ids, plan, cache, all_logits=False)
-
-    def _decode(self, logits, seq, cache) -> None:
-        from runtime import scheduler
-
-        seq = type(seq)(seq.length, seq.chunk_width)  # the same start every round
-        token = int(np.argmax(logits[-1]))
+    def _decode(self, seq, logits) -> float:
+        t = time.perf_counter()
         for _ in range(DECODE_TOKENS):
-            token = int(np.argmax(scheduler.decode(self.step, token, seq, cache)))
+            seq.append([int(np.argmax(logits))])
+            logits = seq.step()
+        return time.perf_counter() - t
 
     def round(self) -> dict[str, float]:
         times = {"prefill": float("inf")}
-        for _ in range(PREFILL_REPEATS):
+        for i in range(PREFILL_REPEATS):
+            seq = self.engine.sequence(self.short_ids)
             t = time.perf_counter()
-            logits, seq = self._prefill(self.short_ids, self.short_plan, self.short_cache)
+            logits = seq.step()
             times["prefill"] = min(times["prefill"], time.perf_counter() - t)
-        t = time.perf_counter()
-        self._decode(logits, seq, self.short_cache)
-        times["decode_short"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self._decode(self.long_logits, self.long_seq, self.long_cache)
-        times["decode_long"] = time.perf_counter() - t
+            if i == 0:
+                times["decode_short"] = self._decode(seq, logits)
+            seq.cancel()
+        with self.engine.sequence(self.long_ids) as seq:
+            times["decode_long"] = self._decode(seq, seq.step())
         return times
+
+
+class _Slowed:
+    """An ORT session whose runs take (1 + factor) times as long (for testing the gate)."""
+
+    def __init__(self, session, factor: float):
+        self._session, self._factor = session, factor
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def _slow(self, run, *args):
+        t = time.perf_counter()
+        out = run(*args)
+        time.sleep(self._factor * (time.perf_counter() - t))
+        return out
+
+    def run(self, *args):
+        return self._slow(self._session.run, *args)
+
+    def run_with_iobinding(self, *args):
+        return self._slow(self._session.run_with_iobinding, *args)
 
 
 def worker(args) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,55 +9,10 @@ import pytest
 
 from runtime import mesa
 from scripts import fixtures
+from scripts.fixtures import OfficialCase, load_official  # noqa: F401  (tests import them from here)
 
 TRAINED = fixtures.TRAINED
 OFFICIAL_CASES = fixtures.official_cases()
-
-# our MesaParams field <- the published position_set field
-PUBLISHED_NAMES = {"train_length": "train_length", "first_chunk": "first_chunk",
-                   "first_chunk_cache": "first_chunk_cache", "last_context": "last_context",
-                   "reserve_tokens": "max_token_len", "push_width": "push_width",
-                   "chunk_width": "context_window_length"}
-
-
-@dataclass
-class OfficialCase:
-    name: str
-    model_dir: Path
-    params: mesa.MesaParams
-    input_ids: np.ndarray  # [L]
-    prefill_logits: np.ndarray  # [L, vocab]
-    decode_logits: np.ndarray  # [16, vocab]
-    fed_tokens: list[int]
-    argmax_tokens: list[int]
-    chunk_width_after: int
-
-    @property
-    def max_len(self) -> int:  # prompt + 16 decode steps, with room to spare
-        return len(self.input_ids) + 32
-
-    def export_args(self) -> list[str]:
-        """The export CLI flags that reproduce this case's Mesa parameters."""
-        flags = []
-        for field, value in self.params.as_dict().items():
-            flags += [f"--{field.replace('_', '-')}", str(value)]
-        return flags
-
-
-def load_official(name: str) -> OfficialCase:
-    d = fixtures.official(name)
-    inputs = json.loads((d / "inputs.json").read_text())
-    ps = inputs["position_set_before_prefill"]
-    tokens = json.loads((d / "decode_tokens.json").read_text())
-    return OfficialCase(
-        name=name, model_dir=d / "model",
-        params=mesa.MesaParams(**{ours: ps[theirs] for ours, theirs in PUBLISHED_NAMES.items()}),
-        input_ids=np.asarray(inputs["input_ids"], dtype=np.int64).reshape(-1),
-        prefill_logits=np.load(d / "prefill_logits.npy"), decode_logits=np.load(d / "decode_logits.npy"),
-        fed_tokens=tokens["fed_tokens"], argmax_tokens=tokens["argmax_tokens"],
-        chunk_width_after=inputs["position_set_after_prefill"]["context_window_length"],
-    )
-
 
 @pytest.fixture(params=OFFICIAL_CASES)
 def official_case(request) -> OfficialCase:

@@ -49,12 +49,21 @@ def test_engine_directory(official_engine):
     m = json.loads((engine / artifact.MANIFEST).read_text())
     assert m["format_version"] == artifact.FORMAT_VERSION and m["opset"] >= 24
     assert m["params"]["push_width"] == 4 and m["max_len"] == 332
-    assert [i["name"] for i in m["inputs"]] == list(artifact.STEP_INPUTS)
-    assert m["largest_distance"] == mesa.largest_distance(332, artifact.Manifest.from_dict(m).mesa_params)
+    # the default target, ort-cpu, adds in-place decode: its flag, per-row lengths and per-layer caches
+    assert [i["name"] for i in m["inputs"]] == [
+        "input_ids", "k_cache", "v_cache", "sink_len", "window_start", "write_pos", "chunk_width", "logits_to_keep",
+        "decode_step", "seqlens_k", "total_sequence_length", "past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    assert [o["name"] for o in m["outputs"]] == [
+        "logits", "new_keys", "new_values", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
+    assert m["target"] == "ort-cpu"
+    assert m["passes"] == ["lower_attention[inplace]", "fuse_step_positions", "inline_parts", "cleanup"]
+    assert (engine / artifact.ROPE_FILE).is_file()
     model = onnx.load(engine / artifact.MODEL_FILE)
-    assert sum(n.op_type == "MesaAttention" and n.domain == "ai.mesa" for n in model.graph.node) == 2 or \
-        "lower" in " ".join(m["passes"])
-    assert any(f.name == "MesaAttention" for f in model.functions) or "lower" in " ".join(m["passes"])
+    assert not any(n.domain == "ai.mesa" for n in model.graph.node) and not model.functions
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == 2  # one per layer: decode in place, or the prefill kernel
+    branches = [[x.op_type for x in a.g.node] for n in ifs for a in n.attribute]
+    assert all(b.count("GroupQueryAttention") == 1 for b in branches)
     cache = next(i for i in model.graph.input if i.name == "k_cache")
     dims = [d.dim_value or d.dim_param for d in cache.type.tensor_type.shape.dim]
     assert dims == [2, "batch", 2, 332, 16]

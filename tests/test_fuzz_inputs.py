@@ -65,7 +65,7 @@ def engine(engine_dir):
 
 
 def assert_serves_like_fresh(engine: MesaEngine, fresh, slots: int = 1) -> None:
-    assert len(engine._free) == slots  # no request kept a cache slot
+    assert engine.stats()["free_slots"] == slots  # no request kept a cache slot
     tokens, prefill, decode, sampled = served(engine)
     assert tokens == fresh[0] and sampled == fresh[3]
     assert np.array_equal(prefill, fresh[1]) and np.array_equal(decode, fresh[2])

@@ -22,13 +22,16 @@ import pytest
 from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, pipeline, precision, step_positions, tensorrt_ops
 from runtime import artifact, mesa
 from runtime.backends import OrtStep
+from runtime.batch_decoder import InplaceDecoder
+from runtime.batcher import Batcher
+from runtime.sequence import Sequence
 from runtime.kv_cache import CacheShape, KVCache
 from tests.conftest import export_engine, load_official
 from tests.test_reference import run_fixture
 
 TOL = 1e-4
 CASE = "a_L300_gqa"
-KERNEL_OP = {"attention": "Attention", "gqa": "com.microsoft::GroupQueryAttention", "auto": "If",
+KERNEL_OP = {"attention": "Attention", "gqa": "com.microsoft::GroupQueryAttention", "auto": "If", "inplace": "If",
              "decomposed": "ai.mesa::MesaAttend"}
 
 
@@ -51,13 +54,28 @@ def ops(model: ir.Model) -> Counter:
     return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph)
 
 
-def run(model: ir.Model, case, tmp_path: Path) -> np.ndarray:
-    """Prefill + 16 decode logits of the fixture through `model`."""
+def run(model: ir.Model, case, tmp_path: Path, rope: Path | None = None) -> np.ndarray:
+    """Prefill + 16 decode logits of the fixture through `model`: decode steps through the in-place
+    decode branch (runtime.batcher over a DecodeCache) when the graph has one."""
     path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx"
     ir.save(model, path)
-    m = load_manifest_shape(case)
-    prefill, decode, _ = run_fixture(OrtStep(path), KVCache(m), case)
-    return np.concatenate([prefill, decode])
+    step = OrtStep(path)
+    if not step.inplace:
+        prefill, decode, _ = run_fixture(step, KVCache(load_manifest_shape(case)), case)
+        return np.concatenate([prefill, decode])
+    decoder = InplaceDecoder(step, load_manifest_shape(case), 1, np.load(rope), case.params)
+    batcher = Batcher(step, decoder)
+    try:
+        seq = Sequence(batcher, dict(ids=case.input_ids, plan=mesa.prefill_steps(len(case.input_ids), case.params),
+                                     all_logits=True), 512)
+        seq.step()
+        decode = []
+        for t in case.fed_tokens:
+            seq.append([t])
+            decode.append(seq.step())
+        return np.concatenate([seq.prompt_logits, np.stack(decode)])
+    finally:
+        batcher.close()
 
 
 def load_manifest_shape(case) -> CacheShape:
@@ -139,7 +157,7 @@ def test_lower_attention(kernel, portable, baseline, case, tmp_path):
     print(kernel, "before", dict(before.most_common(6)), "after", dict(after.most_common(6)))
     assert after["ai.mesa::MesaAttention"] == 0 and after[KERNEL_OP[kernel]] == 2
     assert after["ai.mesa::MesaStepPositions"] == 2 and after["ai.mesa::MesaCachedKV"] == 2
-    assert_same(run(model, case, tmp_path), baseline, case)  # the part functions run as they are
+    assert_same(run(model, case, tmp_path, portable / artifact.ROPE_FILE), baseline, case)  # the part functions run as they are
 
 
 def test_fuse_step_positions(portable, baseline, case, tmp_path):
@@ -147,7 +165,7 @@ def test_fuse_step_positions(portable, baseline, case, tmp_path):
     lower_attention.lower_attention(model, "attention")
     assert ops(model)["ai.mesa::MesaStepPositions"] == 2
     assert step_positions.fuse_step_positions(model) == 1
-    assert_same(run(model, case, tmp_path), baseline, case)
+    assert_same(run(model, case, tmp_path, portable / artifact.ROPE_FILE), baseline, case)
     inline_parts.inline_parts(model)
     counts = ops(model)
     # one mask / stair-position computation per step, whatever the number of layers
@@ -173,7 +191,7 @@ def test_inline_parts(portable, baseline, case, tmp_path):
     counts = ops(model)
     assert not [k for k in counts if k.startswith("ai.mesa::")] and not model.functions
     assert counts["com.microsoft::GroupQueryAttention"] == 2 and counts["RotaryEmbedding"] == 6
-    assert_same(run(model, case, tmp_path), baseline, case)
+    assert_same(run(model, case, tmp_path, portable / artifact.ROPE_FILE), baseline, case)
 
 
 def test_cleanup(portable, baseline, case, tmp_path):
@@ -186,7 +204,7 @@ def test_cleanup(portable, baseline, case, tmp_path):
     print(f"cleanup: {before} -> {after} nodes")
     assert after < before
     assert all(v.dtype is not None for n in model.graph for v in n.outputs)  # shape/type inference ran
-    assert_same(run(model, case, tmp_path), baseline, case)
+    assert_same(run(model, case, tmp_path, portable / artifact.ROPE_FILE), baseline, case)
 
 
 @pytest.mark.parametrize("target", pipeline.TARGETS)
@@ -199,7 +217,7 @@ def test_pipeline(target, portable, baseline, case, tmp_path):
     if target == "tensorrt":
         assert tensorrt_ops.unsupported(model) == []
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
-    assert_same(run(model, case, tmp_path), baseline, case)  # fp32 here, so all four run on ORT CPU
+    assert_same(run(model, case, tmp_path, portable / artifact.ROPE_FILE), baseline, case)  # fp32 here, so all four run on ORT CPU
 
 
 def test_polygraphy_lint_clean(portable, case, tmp_path):
@@ -213,7 +231,10 @@ def test_polygraphy_lint_clean(portable, case, tmp_path):
         f"    cache = np.zeros((2, 1, 2, {case.max_len}, 16), np.float32)\n"
         "    yield {'input_ids': np.arange(12, dtype=np.int64)[None], 'k_cache': cache, 'v_cache': cache,\n"
         "           'sink_len': np.array(0), 'window_start': np.array(0), 'write_pos': np.array(0),\n"
-        "           'chunk_width': np.array(128), 'logits_to_keep': np.array(1)}\n")
+        "           'chunk_width': np.array(128), 'logits_to_keep': np.array(1),\n"
+        "           'decode_step': np.array(False), 'seqlens_k': np.zeros(1, np.int32),\n"
+        "           'total_sequence_length': np.array(1, np.int32),\n"
+        "           **{f'past_{kind}_{l}': cache[l] for kind in ('key', 'value') for l in range(2)}}\n")
     polygraphy = Path(sys.executable).with_name("polygraphy")
     result = subprocess.run([str(polygraphy if polygraphy.exists() else shutil.which("polygraphy")), "check", "lint",
                              str(tmp_path / "model.onnx"), "--data-loader-script", f"{tmp_path / 'loader.py'}:load_data",
@@ -280,7 +301,7 @@ def test_quantize_int4(portable, case, tmp_path):
     for n in float_model.graph:
         if n.op_type == "MatMul" and n.outputs[0].name in deq:
             n.inputs[1].const_value = ir.tensor(np.ascontiguousarray(deq[n.outputs[0].name], dtype=np.float32))
-    out, ref = run(model, case, tmp_path), run(float_model, case, tmp_path)
+    out, ref = run(model, case, tmp_path, portable / artifact.ROPE_FILE), run(float_model, case, tmp_path, portable / artifact.ROPE_FILE)
     print(f"int4 vs dequantized float32: max |dlogit| {np.abs(out - ref).max():.2e}")
     assert np.abs(out - ref).max() <= 1e-3
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import load_official
+from conftest import export_engine, load_official
 
 from runtime import artifact, backends, mesa, scheduler
 from runtime.artifact import MANIFEST, MODEL_FILE
@@ -103,12 +103,22 @@ def test_stream_yields_the_generated_tokens(engine, case, sampling):
 
 
 def test_closed_stream_frees_its_slot(engine, case):
-    it = engine.stream(case.input_ids[:50], 10)
+    it = engine.stream(case.input_ids[:50], 200, stop_tokens=())
     next(it)
-    with pytest.raises(RequestError, match="unfinished stream"):  # the only slot is this thread's
-        engine.generate(case.input_ids[:5], 2)
-    it.close()
+    assert engine.stats()["free_slots"] == 0
+    it.close()  # the caller stops reading: the request is cancelled and its slot freed now
+    assert engine.stats()["free_slots"] == 1
     assert engine.generate(case.input_ids[:5], 2).tokens
+
+
+def test_an_unread_stream_does_not_block_its_own_thread(engine, case):
+    """The batcher generates a stream's tokens whether or not they are read yet, so a second request
+    of the same thread waits for the only slot instead of waiting forever."""
+    alone = engine.generate(case.input_ids[:50], 10, stop_tokens=()).tokens
+    it = engine.stream(case.input_ids[:50], 10, stop_tokens=())
+    assert next(it) == alone[0]
+    assert engine.generate(case.input_ids[:5], 2).tokens
+    assert [alone[0], *it] == alone
 
 
 def test_sampling_is_seeded(engine, case):
@@ -146,13 +156,15 @@ def test_stop_tokens(engine, case):
 
 def test_cache_allocated_once_and_reused(engine_dir, case):
     engine = MesaEngine.load(engine_dir, backend="ort-cpu")
-    (cache,) = engine._free
-    assert cache.k.shape == (2, 1, 2, case.max_len, 16)
-    buffers = (cache.k.ctypes.data, cache.v.ctypes.data)
+    decoder = engine._decoder  # the in-place decoder: one decode-cache slot and one prefill buffer
+    arrays = (decoder.cache.k, decoder.cache.v, decoder.prefill.k, decoder.prefill.v)
+    assert decoder.cache.k.shape == (2, 1, 2, case.max_len, 16) and decoder.prefill.k.shape == (2, 1, 2, case.max_len, 16)
+    assert engine.stats()["cache_bytes"] == sum(a.nbytes for a in arrays) == 4 * 2 * 2 * case.max_len * 16 * 4
+    buffers = [a.ctypes.data for a in arrays]
     short = engine.generate(case.input_ids[:40], 8, stop_tokens=())
     engine.generate(case.input_ids, 20, stop_tokens=())  # fills far more of the cache
     again = engine.generate(case.input_ids[:40], 8, stop_tokens=())
-    assert engine._free == [cache] and (cache.k.ctypes.data, cache.v.ctypes.data) == buffers
+    assert [a.ctypes.data for a in (decoder.cache.k, decoder.cache.v, decoder.prefill.k, decoder.prefill.v)] == buffers
     assert again.tokens == short.tokens  # nothing of one request leaks into the next
 
 
@@ -206,7 +218,7 @@ def test_bad_request_is_refused_and_engine_stays_usable(engine, case, name):
     expected = engine.generate(ids[:30], 3, stop_tokens=()).tokens
     with pytest.raises(RequestError, match=message):
         call(engine, ids)
-    assert len(engine._free) == 1
+    assert engine.stats()["free_slots"] == 1
     assert engine.generate(ids[:30], 3, stop_tokens=()).tokens == expected
 
 
@@ -433,30 +445,33 @@ def test_concurrent_requests_match_single_threaded(engine_dir, case):
             scores = list(pool.map(lambda _: engine.score(ids[:100]), range(3)))
         assert together == alone
         assert all(max_diff(s, scored) == 0 for s in scores)
-        assert len(engine._free) == slots
+        assert engine.stats()["free_slots"] == slots
 
 
 def test_slots_run_requests_at_once(engine_dir, case):
-    """With 2 slots, two streams hold a cache each at the same time; a third request waits."""
+    """With 2 slots, two sequences hold a cache each at the same time; a third request waits."""
     engine = MesaEngine.load(engine_dir, backend="ort-cpu", slots=2)
-    a, b = engine.stream(case.input_ids[:20], 5), engine.stream(case.input_ids[:30], 5)
-    next(a), next(b)
-    assert engine._free == []
+    a, b = engine.sequence(case.input_ids[:20]), engine.sequence(case.input_ids[:30])
+    a.step(), b.step()  # prefilled; they keep their slots until cancelled
+    assert engine.stats()["free_slots"] == 0
     done = threading.Event()
     worker = threading.Thread(target=lambda: (engine.generate(case.input_ids[:10], 2), done.set()))
     worker.start()
     assert not done.wait(0.3)  # waiting for a slot
-    a.close()
+    a.cancel()
     assert done.wait(10)
     worker.join()
-    b.close()
-    assert len(engine._free) == 2
+    b.cancel()
+    assert engine.stats()["free_slots"] == 2
 
 
 # ------------------------------------------------------------------------------ the device code path, on CPU
 
-def test_device_step_on_cpu_reproduces_published_logits(engine_dir, case):
-    """ort-cuda/tensorrt's path (IO binding, cache as OrtValues, TensorScatter writes) on CPUExecutionProvider."""
+def test_device_step_on_cpu_reproduces_published_logits(case, tmp_path):
+    """ort-cuda/tensorrt's path (IO binding, cache as OrtValues, TensorScatter writes) on CPUExecutionProvider,
+    with the graph the ort-cuda target makes (in fp32, so that CPU kernels exist for it)."""
+    engine_dir = export_engine(case.model_dir, tmp_path / "cuda", case.max_len,
+                               [*case.export_args(), "--no-verify", "--target", "ort-cuda", "--dtype", "fp32"])
     session = ort.InferenceSession(str(engine_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
     step = backends.OrtDeviceStep(session, device="cpu")
     cache = step.new_cache(CacheShape(2, 2, case.max_len, 16))
