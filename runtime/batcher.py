@@ -86,6 +86,7 @@ class Batcher:
         self.free_slots = list(range(decoder.slots))
         self.closed = False
         self.iterations = 0
+        self.decode_calls: deque[tuple[int, float]] = deque(maxlen=4096)  # (rows stepped, seconds), newest last
         self.thread = threading.Thread(target=self._loop, name="mesa-batcher", daemon=True)
         self.thread.start()
 
@@ -160,6 +161,7 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 - ORT's errors share no base class: the batch fails, not the engine
             logits, error = None, e
         took = time.perf_counter() - t
+        self.decode_calls.append((len(batch), took))
         with self.cond:
             for i, w in enumerate(batch):
                 w.busy = False

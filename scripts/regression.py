@@ -328,7 +328,7 @@ def set_reference(spec: str) -> int:
     commit = resolve_reference(spec)
     REFERENCE_FILE.write_text(commit + "\n")
     print(f"wrote {REFERENCE_FILE.relative_to(ROOT)}: {commit} ({git('log', '-1', '--format=%s', commit)}); "
-          "commit it and say in the message why the slower speed is accepted")
+          "commit it and say in the message why the reference moves (a slowdown accepted, or a speed-up to protect)")
     return 0
 
 

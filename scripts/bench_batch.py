@@ -1,0 +1,99 @@
+"""Batched decode: aggregate tokens/s of B sequences decoding together, model M, ONNX Runtime CPU.
+
+    python scripts/bench_batch.py [--context 2048] [--batches 1,2,4,8] [--tokens 48] [--out bench_out/batch]
+
+Uses the engine of scripts/bench.py (model M exported with the default ort-cpu target; exported once into
+--work). For each B, one engine with B slots gets B prompts of --context tokens in one generate() call;
+the batcher prefills them and then steps every running row in one decode call. A figure is the median
+duration of the decode calls that stepped all B rows (runtime.batcher keeps each call's row count and
+seconds), so the prefills around them do not count: tokens/s = B / that median. The limit: a call reads
+the weights once however many rows it steps, plus each row's own K/V.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts import bench  # noqa: E402  (model M, its export, the machine description)
+
+
+def measure(engine_dir: Path, B: int, context: int, tokens: int) -> dict:
+    from runtime.engine import MesaEngine
+
+    with MesaEngine.load(engine_dir, backend="ort-cpu", slots=B) as engine:
+        rng = np.random.default_rng(B)
+        prompts = [rng.integers(3, engine.manifest.vocab_size, context).tolist() for _ in range(B)]
+        t = time.perf_counter()
+        engine.generate(prompts, max_new_tokens=tokens, stop_tokens=())
+        wall = time.perf_counter() - t
+        full = [s for rows, s in engine._batcher.decode_calls if rows == B]
+        cache = engine.stats()["cache_bytes"]
+    step = statistics.median(full)
+    return {"batch": B, "context": context, "calls_with_all_rows": len(full), "step_ms": 1e3 * step,
+            "tokens_per_s": B / step, "wall_s": wall, "cache_mib": cache / 2**20}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    B = [r["batch"] for r in rows]
+    tps = [r["tokens_per_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(B, tps, "o-", label="ours: B rows in one decode call")
+    ax.plot(B, [tps[0] * b for b in B], ":", color="grey", label="B x one sequence (ideal)")
+    ax.set_xlabel("sequences decoding together (B)")
+    ax.set_ylabel("generated tokens / s (all rows)")
+    ax.set_title(f"model M, {rows[0]['context']} tokens of context each")
+    ax.set_xticks(B)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench_batch.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batches", type=bench.ints, default=[1, 2, 4, 8])
+    p.add_argument("--tokens", type=int, default=48, help="tokens generated per row")
+    p.add_argument("--work", default=str(ROOT / "bench_out"), help="where model M and its engine live")
+    p.add_argument("--out", default=str(ROOT / "bench_out" / "batch"))
+    args = p.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = bench.make_model_m(work / "model_m")
+    engine = bench.export_ours(model, work / f"engine_batch_{args.context}", args.context + args.tokens + 64, None)
+    rows = []
+    for B in args.batches:
+        rows.append(measure(engine, B, args.context, args.tokens))
+        r = rows[-1]
+        print(f"B={B}: {r['step_ms']:.1f} ms per call, {r['tokens_per_s']:.1f} tokens/s "
+              f"({r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x one sequence)", flush=True)
+    result = {"machine": bench.machine(), "rows": rows}
+    (out / "batch.json").write_text(json.dumps(result, indent=1))
+    lines = ["| sequences B | ms per decode call | tokens/s (all rows) | vs B = 1 |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x |" for r in rows]
+    (out / "batch.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "batch.png")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
