@@ -19,6 +19,13 @@ def official_case(request) -> OfficialCase:
     return load_official(request.param)
 
 
+# Mesa parameters for tiny checkpoints trained at T = 64 (max_position_embeddings=64): prompts past T run
+# middle chunks, and decodes cross the S = T point and an anchor jump every W steps.
+MESA_T64 = {"train_length": 64, "first_chunk": 4, "first_chunk_cache": 4, "last_context": 16, "reserve_tokens": 4,
+            "push_width": 4, "chunk_width": 64}
+MESA_T64_FLAGS = [x for k, v in MESA_T64.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a small random-weight HF model (llama | mistral | qwen2) with save_pretrained."""
     import torch

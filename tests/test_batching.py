@@ -16,15 +16,13 @@ import pytest
 
 from runtime import mesa, scheduler
 from runtime.engine import EngineError, MesaEngine, RequestError
-from tests.conftest import export_engine, reference, tiny_checkpoint
+from tests.conftest import MESA_T64, MESA_T64_FLAGS, export_engine, reference, tiny_checkpoint
 
 TOL = 1e-4
-T = 64
+T = MESA_T64["train_length"]
 MAX_LEN = 480
-MESA = {"train_length": T, "first_chunk": 4, "first_chunk_cache": 4, "last_context": 16, "reserve_tokens": 4,
-        "push_width": 4, "chunk_width": T}
-FLAGS = [x for k, v in MESA.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-PARAMS = mesa.MesaParams(**MESA)
+FLAGS = MESA_T64_FLAGS
+PARAMS = mesa.MesaParams(**MESA_T64)
 
 
 @pytest.fixture(scope="module")
