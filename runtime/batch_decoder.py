@@ -48,7 +48,8 @@ class InplaceDecoder:
         return self.prefill
 
     def finish_prefill(self, work) -> None:
-        self.cache.load(work.slot, self.prefill.k[:, 0], self.prefill.v[:, 0], work.length, work.chunk_width)
+        self.cache.load(work.slot, self.prefill.k[:, 0], self.prefill.v[:, 0], work.length, work.chunk_width,
+                        self.prefill.release_layer)
 
     def decode(self, batch) -> np.ndarray:
         """One call over every slot: the traced graph takes its batch size from the cache input, so the

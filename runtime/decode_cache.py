@@ -55,12 +55,17 @@ class DecodeCache:
         x1, x2 = x[..., :h], x[..., h:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype, copy=False)
 
-    def load(self, slot: int, k: np.ndarray, v: np.ndarray, length: int, chunk_width: int) -> None:
-        """Take a prefilled sequence: pre-RoPE k, v [layers, kv_heads, >= length, d] -> rotated rows."""
+    def load(self, slot: int, k: np.ndarray, v: np.ndarray, length: int, chunk_width: int,
+             done_with_layer=None) -> None:
+        """Take a prefilled sequence: pre-RoPE k, v [layers, kv_heads, >= length, d] -> rotated rows.
+        `done_with_layer(l)` is called once layer l is copied (the prefill buffer releases it then)."""
         S = length + 1  # the first decode step sees the prompt and its own token
         pos = self._positions(S, chunk_width, length)
-        self.k[:, slot, :, :length] = self._rotate(k[:, :, :length], pos)
-        self.v[:, slot, :, :length] = v[:, :, :length]
+        for layer in range(self.k.shape[0]):
+            self.k[layer, slot, :, :length] = self._rotate(k[layer, :, :length], pos)
+            self.v[layer, slot, :, :length] = v[layer, :, :length]
+            if done_with_layer is not None:
+                done_with_layer(layer)
         self.length[slot], self.chunk_width[slot] = length, chunk_width
         self.anchor[slot] = self._anchor(S, chunk_width)
 
