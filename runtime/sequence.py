@@ -13,7 +13,7 @@ the caller reads tokens from a queue.
 from __future__ import annotations
 
 import queue
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -128,6 +128,7 @@ class TokenStream:
         self._batcher = batcher
         self._queue: queue.Queue = queue.Queue()
         self._first = True
+        self._closed = False
         self.work = Work(**work_args, on_logits=self._on_logits, on_done=self._on_done)
         batcher.submit(self.work)
 
@@ -146,17 +147,35 @@ class TokenStream:
     def _on_done(self, error: BaseException | None) -> None:
         self._queue.put(error if error is not None else _END)
 
-    def __iter__(self) -> Iterator[int]:
-        try:
-            while True:
-                got = self._queue.get()
-                if got is _END:
-                    return
-                if isinstance(got, BaseException):
-                    _raise(got)
-                yield got
-        finally:  # the caller stopped reading (closed the iterator): stop generating, free the slot
-            self._batcher.cancel(self.work)
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> int:
+        if self._closed:
+            raise StopIteration
+        got = self._queue.get()
+        if got is _END:
+            self._queue.put(got)  # later calls end the same way
+            raise StopIteration
+        if isinstance(got, BaseException):
+            self._queue.put(_END)
+            _raise(got)
+        return got
+
+    def cancel(self) -> None:
+        """Stop generating and free the KV slot now; from any thread, also before the first token.
+        Iteration then ends after the tokens already generated."""
+        self._batcher.cancel(self.work)
+
+    def close(self) -> None:
+        """The caller stops reading (as with a generator): cancel, and end the iteration now."""
+        self._closed = True
+        self.cancel()
+
+    def __del__(self):
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None and not self.work.done:
+            batcher.cancel(self.work)
 
 
 def replay(step_fn, decoder, ids: np.ndarray, plan, tokens: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:

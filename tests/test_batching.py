@@ -218,3 +218,20 @@ def test_origin_engine_decodes_like_transformers_past_T(model, tmp_path):
         full = hf(torch.tensor([ids + g.tokens[:-1]])).logits[0].numpy()
     assert np.abs(g.decode_logits - full[len(ids):]).max() <= TOL  # positions up to 159, far past T = 64
     assert g.tokens[1:] == full[len(ids):].argmax(-1).tolist()
+
+
+def test_a_stream_cancelled_before_its_first_token_frees_its_slot(model):
+    """cancel() from another thread while the request still waits for a slot, or after it started."""
+    with contextlib.closing(MesaEngine.load(model[1], backend="ort-cpu", slots=1)) as e:
+        with e.sequence(prompt(30, 3)) as holder:
+            holder.step()  # holds the only slot
+            waiting = e.stream(prompt(30, 3), max_new_tokens=50)
+            threading.Thread(target=waiting.cancel).start()
+            time.sleep(0.2)
+            assert list(waiting) == []  # ended without a token
+        stats = e.stats()
+        assert (stats["waiting"], stats["running"], stats["free_slots"]) == (0, 0, 1)
+        started = e.stream(prompt(30, 3), max_new_tokens=200, stop_tokens=())
+        next(started)
+        started.close()
+        assert e.stats()["free_slots"] == 1 and list(started) == []
