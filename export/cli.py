@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import signal
 import sys
 from collections import Counter
 from pathlib import Path
+
+from export.api import DTYPES, METHODS, QUANTIZE, TARGETS, default_dtype, quiet_libraries  # noqa: F401
 
 EXIT_BAD_INPUT = 2
 
@@ -36,52 +37,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, required=True,
                    help="longest sequence (prompt + generated tokens) the engine serves; sizes the KV cache")
     p.add_argument("--out", required=True, help="engine directory to write (refused if it exists, see --force)")
-    p.add_argument("--method", choices=("mesa", "origin"), default="mesa",
+    p.add_argument("--method", choices=METHODS, default="mesa",
                    help="mesa (default, the published method) or origin (plain RoPE, full attention)")
     for flag, _, sym, text in PARAM_FLAGS:
         p.add_argument(flag, type=int, default=None, metavar=sym, help=f"{sym}: {text}")
-    p.add_argument("--target", choices=("portable", "ort-cpu", "ort-cuda", "tensorrt"), default="ort-cpu",
+    p.add_argument("--target", choices=TARGETS, default="ort-cpu",
                    help="backend the graph passes optimise for: ort-cpu (default), ort-cuda, tensorrt, or portable "
                         "(no passes: the MesaAttention function runs as is on any ONNX Runtime)")
-    p.add_argument("--quantize", choices=("none", "int4"), default="none",
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="int4: weight-only int4 MatMulNBits (ort-cpu; faster decode, approximate logits)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight/activation type (default fp16 for ort-cuda and tensorrt, else fp32)")
-    p.add_argument("--opset", type=int, default=24, choices=(24,),
-                   help="ONNX opset of the model and of the MesaAttention function body")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it is an engine directory or empty (never anything else)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the onnx.checker pass and the ONNX Runtime smoke step against the reference")
     return p
-
-
-def check_lengths(args, params) -> None:
-    from runtime import mesa
-
-    if args.max_len < 1:
-        raise mesa.MesaParamError(f"--max-len must be above zero, got {args.max_len}")
-    if args.method == "mesa":
-        if args.max_len < params.first_chunk:
-            raise mesa.MesaParamError(f"--max-len {args.max_len} is smaller than the first chunk F={params.first_chunk}")
-        for n in range(1, args.max_len + 1):  # every prompt the engine may receive must have a plan
-            try:
-                mesa.dynamic_split(n, params)
-            except mesa.MesaParamError as e:
-                raise mesa.MesaParamError(f"Mesa parameters {params.as_dict()} fail for a prompt of {n} tokens: {e}") from None
-
-
-def quiet_libraries() -> None:
-    """torch.onnx logs every torchvision op it skips and deprecation notes; users need none of it."""
-    import logging
-    import warnings
-
-    import torch  # noqa: F401  (configures its loggers on import; ours must come after)
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _interrupt(signum, frame):
@@ -90,7 +61,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    args.dtype = args.dtype or ("fp16" if args.target in ("ort-cuda", "tensorrt") else "fp32")
+    args.dtype = args.dtype or default_dtype(args.target)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return export(args)
@@ -98,105 +69,44 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def preflight_checks(args, out: Path):
-    """Everything that can refuse the export, cheapest first, before the weights are read: (path, alias,
-    config, params). The --out checks come before torch is even imported."""
-    from export import commit, loading, preflight
-
-    path, alias = loading.resolve_model(args.model)
-    for line in commit.sweep(out):  # first: it may put back an engine a dead export had moved aside
-        print(line, file=sys.stderr)
-    preflight.check_out(out, args.force, path)
-    quiet_libraries()
-    config = loading.load_config(path)
-    for w in loading.check_supported(config):
-        print(f"warning: {w}", file=sys.stderr)
-    overrides = {field: getattr(args, field) for _, field, _, _ in PARAM_FLAGS}
-    params = loading.default_params(config, alias, overrides)
-    head_dim = loading.rope_config(config).head_dim
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    preflight.check_memory(args.max_len, head_dim, config.num_hidden_layers, kv_heads, args.dtype)
-    check_lengths(args, params)  # O(max_len): after the memory check has refused absurd lengths
-    shapes = loading.tensor_shapes(path)
-    preflight.check_disk(out, preflight.engine_bytes(shapes, args.dtype, args.max_len, head_dim))
-    return path, alias, config, params
+def api_kwargs(args) -> dict:
+    """export.api.export_engine's keyword arguments for parsed export.py arguments (all but model and out)."""
+    return dict(max_len=args.max_len, method=args.method, params={f: getattr(args, f) for _, f, _, _ in PARAM_FLAGS},
+                target=args.target, quantize=args.quantize, dtype=args.dtype, force=args.force,
+                verify=not args.no_verify)
 
 
 def export(args) -> int:
-    from export import commit, loading, preflight
+    """Run export.api with the parsed arguments: the summary on stdout, a failure as one line on stderr."""
+    from export import api, loading, preflight
     from runtime import mesa
 
     out = Path(args.out).expanduser().resolve()
-    staging = bar = None
     try:
-        path, alias, config, params = preflight_checks(args, out)
-        from tqdm import tqdm
-
-        from export import onnx_export, verify
-        from graph_ops import pipeline
-
-        staging = commit.stage(out)
-        bar = tqdm(total=5, desc="export", unit="stage", file=sys.stderr,
-                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}]")
-
-        def stage(name: str) -> None:
-            bar.set_description(f"export: {name}")
-            commit.fault(name)
-
-        stage("load")
-        lm = onnx_export.build_model(path, config, params, args.method, args.max_len, args.dtype, alias)
-        bar.update()
-        stage("trace")
-        model = onnx_export.trace(lm)
-        bar.update()
-        stage("passes")
-        passes = pipeline.run_passes(model, args.target, args.quantize,
-                                     progress=lambda name: bar.set_description(f"export: passes ({name})"))
-        bar.update()
-
-        manifest = onnx_export.make_manifest(lm, model, args.model, passes, target=args.target)
-        ops = Counter(n.op_type for n in model.graph)
-        smoke = None if args.no_verify else verify.reference_run(lm)
-        stage("save")
-        onnx_export.write_engine(staging.path, model, path)
-        model = lm = None  # free the weights before ONNX Runtime loads its own copy
-        gc.collect()
-        bar.update()
-        stage("verify")
-        check = verify.check_quantized if args.quantize != "none" else verify.check_engine
-        report = "skipped (--no-verify)" if smoke is None else check(staging.path, smoke)
-        onnx_export.write_manifest(staging.path, manifest)  # last: only a verified directory gets one
-        bar.update()
-        commit.commit(staging, args.force)
-        bar.close()
-        print(summary(out, manifest, ops, report))
-        return 0
-    except KeyboardInterrupt:
-        return _end(bar, f"interrupted: {_outcome(staging, out)}", 130)
+        result = api.run_export(args.model, out, **api_kwargs(args))
+    except KeyboardInterrupt as e:
+        return _end(f"interrupted: {_outcome(e, out)}", 130)
     except Exception as e:
         # modules not imported yet cannot have raised their errors (and importing them costs seconds)
         failed = getattr(sys.modules.get("export.verify"), "VerificationError", ())
         known = (loading.ModelLoadError, mesa.MesaParamError, preflight.Refused, OSError,
                  getattr(sys.modules.get("graph_ops.pipeline"), "PassError", ()))
         if isinstance(e, failed):
-            return _end(bar, f"error: verification failed, {_outcome(staging, out)}: {e}", EXIT_BAD_INPUT)
+            return _end(f"error: verification failed, {_outcome(e, out)}: {e}", EXIT_BAD_INPUT)
         if not isinstance(e, known):
             raise  # a bug: keep its traceback
-        return _end(bar, f"error: {e}" + (f" ({_outcome(staging, out)})" if staging else ""), EXIT_BAD_INPUT)
-    finally:
-        if staging is not None:
-            staging.discard()
+        staged = getattr(e, "export_staged", False)
+        return _end(f"error: {e}" + (f" ({_outcome(e, out)})" if staged else ""), EXIT_BAD_INPUT)
+    print(summary(out, result.manifest, result.ops, result.verify))
+    return 0
 
 
-def _outcome(staging, out: Path) -> str:
-    """Asked of the filesystem, not of how far the code got, so it is true even for a signal mid-commit."""
-    written = staging is not None and staging.published()
-    return f"the engine was written to {out}" if written else f"nothing written to {out}"
+def _outcome(e: BaseException, out: Path) -> str:
+    """What export.api found on the filesystem when `e` left it (see export_written there)."""
+    return f"the engine was written to {out}" if getattr(e, "export_written", False) else f"nothing written to {out}"
 
 
-def _end(bar, line: str, code: int) -> int:
-    if bar is not None:
-        bar.close()
+def _end(line: str, code: int) -> int:
     print(line, file=sys.stderr)
     return code
 

@@ -17,7 +17,6 @@ from graph_ops import mesa_op
 from runtime import artifact, mesa
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXPORTER_VERSION = "0.1.0"
 # Weights above this go to external data (protobuf's 2 GB limit, with margin).
 EXTERNAL_DATA_BYTES = 1_800_000_000

@@ -19,7 +19,6 @@ import logging
 import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
-HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4) -> int:

@@ -227,13 +227,32 @@ def provider_chain(backend: str, directory: Path, cache: CacheShape, max_len: in
     })] + cuda
 
 
-def pick_backend(requested: str) -> str:
-    """The backend to start: `requested`, or for "auto" the best one this onnxruntime offers."""
+# The backends an engine of each export target (manifest.target) runs on, in the order `auto` tries them:
+# the passes lower the graph for its target (ort-cpu's in-place decode kernel, fp16 and TensorRT plugins
+# on the GPU targets), so only portable engines run anywhere.
+TARGET_BACKENDS = {"ort-cpu": ("ort-cpu",), "ort-cuda": ("ort-cuda", "ort-cpu"), "tensorrt": ("tensorrt", "ort-cuda"),
+                   "portable": ("tensorrt", "ort-cuda", "ort-cpu")}
+
+
+def pick_backend(requested: str, target: str = "portable") -> str:
+    """The backend to start for an engine exported for `target`: `requested`, or for "auto" the first of
+    TARGET_BACKENDS[target] this onnxruntime offers."""
     available = ort.get_available_providers()
+    allowed = TARGET_BACKENDS.get(target)
+    if allowed is None:
+        raise BackendError(f"the engine was exported for an unknown target {target!r}; "
+                           f"this runtime knows {', '.join(TARGET_BACKENDS)}")
     if requested == "auto":
-        return next(b for b in ("tensorrt", "ort-cuda", "ort-cpu") if PROVIDERS[b] in available)
+        found = next((b for b in allowed if PROVIDERS[b] in available), None)
+        if found is None:
+            raise BackendError(f"no backend for a {target} engine is installed: it runs on {' or '.join(allowed)}, "
+                               f"this onnxruntime offers {', '.join(available)}; {INSTALL[allowed[0]]}")
+        return found
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; choose auto or one of {', '.join(BACKENDS)}")
+    if requested not in allowed:
+        raise BackendError(f"backend {requested} cannot run this engine: it was exported for target {target}, "
+                           f"which runs on {' or '.join(allowed)} (re-export with --target {requested} or portable)")
     if PROVIDERS[requested] not in available:
         raise BackendError(f"backend {requested} is not installed: this onnxruntime has no {PROVIDERS[requested]} "
                            f"(it offers {', '.join(available)}); {INSTALL[requested]}")
@@ -278,16 +297,19 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
 
 
 def open_backend(requested: str, directory: Path, model_path: Path, cache: CacheShape, max_len: int,
-                 dtype: str, options: ort.SessionOptions | None = None) -> tuple[str, OrtStep | OrtDeviceStep]:
-    """Start a session for `requested` ("auto" included); returns (the backend running, its step fn).
+                 dtype: str, options: ort.SessionOptions | None = None,
+                 target: str = "portable") -> tuple[str, OrtStep | OrtDeviceStep]:
+    """Start a session for `requested` ("auto" included) on an engine exported for `target`; returns
+    (the backend running, its step fn).
 
     ORT falls back to the next provider when one cannot start (e.g. TensorRT libraries missing), so
-    the backend is read back from the session: "auto" accepts the fallback, an explicit name does not.
+    the backend is read back from the session: "auto" accepts a fallback the target was made for, an
+    explicit name none.
     """
     if dtype not in CACHE_DTYPES:
         raise BackendError(f"{dtype} engines cannot be served by this runtime (numpy has no bfloat16 and ONNX "
                            f"Runtime CPU no bfloat16 kernels); export with --dtype fp32 or fp16")
-    wanted = pick_backend(requested)
+    wanted = pick_backend(requested, target)
     providers = provider_chain(wanted, directory, cache, max_len, dtype)
     try:
         session = ort.InferenceSession(str(model_path), options or ort.SessionOptions(), providers=providers)
@@ -297,4 +319,7 @@ def open_backend(requested: str, directory: Path, model_path: Path, cache: Cache
     if requested != "auto" and running != requested:
         raise BackendError(f"backend {requested} could not start (ONNX Runtime fell back to "
                            f"{session.get_providers()[0]}; its log above says why)")
+    if running not in TARGET_BACKENDS[target]:
+        raise BackendError(f"backend {wanted} could not start and ONNX Runtime fell back to {running}, which "
+                           f"cannot run an engine exported for target {target} (its log above says why)")
     return running, OrtStep(session) if running == "ort-cpu" else OrtDeviceStep(session, "cuda")

@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -113,7 +113,7 @@ class MesaEngine:
             raise LoadError(str(e)) from None
         options = backends.session_options(session_options)
         name, step_fn = backends.open_backend(backend, directory, directory / MODEL_FILE, cache_shape(manifest),
-                                              manifest.max_len, manifest.dtype, options)
+                                              manifest.max_len, manifest.dtype, options, manifest.target)
         check_graph(step_fn.session, manifest, directory)
         if getattr(step_fn, "inplace", False) and not (directory / ROPE_FILE).is_file():
             raise LoadError(f"{directory} is incomplete: {ROPE_FILE} is missing; re-export the engine")
@@ -170,17 +170,17 @@ class MesaEngine:
 
     def stream(self, prompt, max_new_tokens: int = DEFAULT_NEW_TOKENS, *, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               stop_tokens: Sequence[int] | None = None, progress: Progress | None = None) -> Iterator[int]:
+               stop_tokens: Sequence[int] | None = None, progress: Progress | None = None) -> TokenStream:
         """The tokens of one prompt as they are generated (the same tokens `generate` returns).
 
-        The request is checked and queued now; it holds a KV-cache slot until it finishes or the
-        iterator is closed (which cancels it and frees the slot at once).
+        The request is checked and queued now; it holds a KV-cache slot until it finishes, or until the
+        iterator's close() or cancel() (from any thread, also before the first token) frees it at once.
         """
         rows, batched = self._prompts(prompt)
         if batched:
             raise RequestError("stream() takes one prompt; generate() takes a batch")
         req = self._request(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, progress)
-        return iter(self._stream(req.rows[0], req.plans[0], req, False, progress))
+        return self._stream(req.rows[0], req.plans[0], req, False, progress)
 
     def sequence(self, prompt, all_logits: bool = False) -> StepSequence:
         """A sequence to step by hand (runtime.sequence.Sequence): step() runs the prompt by its Mesa plan

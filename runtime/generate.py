@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="stop a row after it generates ID (repeatable; default: the model's EOS ids)")
     p.add_argument("--ignore-eos", action="store_true", help="never stop early: generate exactly K tokens")
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
-                   help="auto (default) takes tensorrt, else ort-cuda, else ort-cpu, whichever starts")
+                   help="auto (default) takes the best backend the engine's export target runs on (tensorrt, "
+                        "else ort-cuda, else ort-cpu) that starts; others are refused")
     p.add_argument("--save-logits", metavar="OUT.npz",
                    help="write prefill_logits [L, vocab], decode_logits [steps, vocab] and tokens (one prompt)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings")
@@ -136,22 +137,51 @@ def sampling_args(args) -> dict:
     return {**chosen, "stop_tokens": stop, "max_new_tokens": args.max_new_tokens, "progress": PrefillBar()}
 
 
+class TextStream:
+    """The text of a growing list of generated tokens, one piece per token ("" while a multi-byte character
+    is incomplete), special tokens skipped. tokenizers' DecodeStream decodes each token once; where this
+    tokenizers has none (before 0.21), or should it fail, the whole list is decoded again for every token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            self.decoder = None
+        else:
+            self.decoder = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        self.tokens.append(token)  # kept for the fallback, which needs them all
+        if self.decoder is not None:
+            try:
+                piece = self.decoder.step(self.tokenizer, token) or ""
+            except Exception:  # tokenizers raises a bare Exception ("Invalid prefix encountered")
+                self.decoder = None
+            else:
+                self.shown += piece
+                return piece
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
 def stream_one(engine, prompt, settings: dict) -> list[int]:
     """Print tokens as they come (text pieces with a tokenizer, else ids); report timings to stderr."""
     ids = engine.encode(prompt) if isinstance(prompt, str) else prompt
-    tokens, shown = [], ""
+    tokens = []
+    text = TextStream(engine.tokenizer) if engine.tokenizer is not None else None
     start = first = time.perf_counter()
     for token in engine.stream(ids, **settings):
         if not tokens:
             first = time.perf_counter()
         tokens.append(token)
-        if engine.tokenizer is None:
+        if text is None:
             print(token, end=" ", flush=True)
-            continue
-        text = engine.decode(tokens)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        else:
+            print(text.step(token), end="", flush=True)
     print()
     report(len(ids), first - start, len(tokens) - 1, time.perf_counter() - first)
     return tokens

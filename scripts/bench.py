@@ -158,23 +158,13 @@ def make_model_m(folder: Path) -> Path:
     return folder
 
 
-def export_targets() -> list[str]:
-    """The --target values export.py offers (none in checkouts before the graph passes)."""
-    from export.cli import parser
-
-    for action in parser()._actions:
-        if "--target" in action.option_strings:
-            return list(action.choices or [])
-    return []
-
-
-def export_ours(model: Path, out: Path, max_len: int, target: str | None) -> Path:
+def export_ours(model: Path, out: Path, max_len: int, target: str) -> Path:
     if (out / "mesa.json").is_file():
         return out
-    cmd = [sys.executable, str(ROOT / "export.py"), "--model", str(model), "--max-len", str(max_len),
-           "--out", str(out), "--method", "mesa"] + (["--target", target] if target else [])
-    log(f"exporting {out.name}: {' '.join(cmd[1:])}")
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    from export.api import export_engine
+
+    log(f"exporting {out.name}: model {model}, max_len {max_len}, method mesa, target {target}")
+    export_engine(model, out, max_len=max_len, method="mesa", target=target)
     return out
 
 
@@ -400,11 +390,9 @@ def method_table(args, work: Path) -> dict[str, dict]:
     model = make_model_m(work / "model_M")
     table: dict[str, dict] = {}
     wanted = args.methods
-    targets = export_targets()
     if "ours" in wanted:
-        target = "ort-cpu" if "ort-cpu" in targets else None
-        table["ours"] = {"engine": str(export_ours(model, work / "engine_M_mesa", args.max_len, target))}
-    if "ours-portable" in wanted and "portable" in targets:
+        table["ours"] = {"engine": str(export_ours(model, work / "engine_M_mesa", args.max_len, "ort-cpu"))}
+    if "ours-portable" in wanted:
         table["ours-portable"] = {"engine": str(export_ours(model, work / "engine_M_mesa_portable", args.max_len,
                                                             "portable"))}
     if "transformers-sdpa" in wanted:

@@ -2,20 +2,18 @@
 
     python -m scripts.export_scale --config tinyllama-1.1b --max-len 8192 [--work DIR] [--dtype fp32]
 
-Writes the checkpoint with `save_pretrained` (once; reused from --work), then runs `export.py` in a fresh
-process and reports its wall time and peak resident memory (the child's ru_maxrss).
+Writes the checkpoint with `save_pretrained` (once; reused from --work), then runs export.api.export_engine
+in a fresh (spawned) process and reports its wall time and peak resident memory (the child's ru_maxrss).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Public configs of the checkpoints the aliases name (only the shapes matter for export cost).
 CONFIGS = {
@@ -43,6 +41,17 @@ def write_checkpoint(name: str, folder: Path) -> Path:
     return folder
 
 
+def export_child(ckpt: str, out: str, options: dict) -> None:
+    """The export, alone in its process (so ru_maxrss of the children is the export's own peak)."""
+    from export import api
+
+    try:
+        api.export_engine(ckpt, out, **options)
+    except api.errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.export_scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,12 +65,13 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     ckpt = write_checkpoint(args.config, work / f"{args.config}-random")
     print(f"checkpoint: {ckpt} ({time.perf_counter() - t:.0f} s)")
-    cmd = [sys.executable, str(REPO / "export.py"), "--model", str(ckpt), "--max-len", str(args.max_len),
-           "--out", str(work / f"{args.config}-engine"), "--force", "--dtype", args.dtype]
-    if args.no_verify:
-        cmd.append("--no-verify")
+    options = dict(max_len=args.max_len, force=True, dtype=args.dtype, verify=not args.no_verify)
+    child = multiprocessing.get_context("spawn").Process(
+        target=export_child, args=(str(ckpt), str(work / f"{args.config}-engine"), options))
     t = time.perf_counter()
-    code = subprocess.run(cmd, cwd=REPO).returncode
+    child.start()
+    child.join()
+    code = child.exitcode
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30

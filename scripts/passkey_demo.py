@@ -19,23 +19,24 @@ from scripts import fixtures, passkey
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = fixtures.TRAINED
-MESA_FLAGS = ["--train-length", "256", "--first-chunk", "16", "--first-chunk-cache", "16", "--last-context", "64",
-              "--reserve-tokens", "8", "--chunk-width", "256"]
+MESA_PARAMS = dict(train_length=256, first_chunk=16, first_chunk_cache=16, last_context=64, reserve_tokens=8,
+                   chunk_width=256)
 PUSH_WIDTHS = (4, 8, 16, 32)
 
 
 def export_all(model_dir: Path, out: Path, max_len: int, push_widths=PUSH_WIDTHS) -> dict[str, Path]:
     """Engines named like the table rows: origin, mesa pw=4, ..."""
-    from export.cli import main as export_main
+    from export import api
 
-    jobs = {"origin": ["--method", "origin"]}
-    jobs.update({f"mesa pw={pw}": ["--method", "mesa", *MESA_FLAGS, "--push-width", str(pw)] for pw in push_widths})
+    jobs = {"origin": dict(method="origin")}
+    jobs.update({f"mesa pw={pw}": dict(method="mesa", params={**MESA_PARAMS, "push_width": pw}) for pw in push_widths})
     engines = {}
-    for name, flags in jobs.items():
+    for name, options in jobs.items():
         target = out / name.replace(" ", "_").replace("=", "")
-        if export_main(["--model", str(model_dir), "--max-len", str(max_len), "--out", str(target), "--force",
-                        *flags]) != 0:
-            raise SystemExit(f"export of {name} failed")
+        try:
+            api.export_engine(model_dir, target, max_len=max_len, force=True, **options)
+        except api.errors() as e:
+            raise SystemExit(f"export of {name} failed: {e}") from None
         engines[name] = target
     return engines
 

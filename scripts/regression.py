@@ -32,6 +32,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -70,16 +71,15 @@ def export_tiny(directory: Path) -> Path:
     import torch
     import transformers
 
-    from export.cli import main as export_main
+    from export import api
 
     torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL)).save_pretrained(directory / "ckpt")
-        code = export_main(["--model", str(directory / "ckpt"), "--max-len", str(MAX_LEN),
-                            "--out", str(directory / "engine"), "--no-verify"])
-    if code != 0:
-        last = (err.getvalue().strip().splitlines() or [f"exit {code}"])[-1]
-        raise GateError(f"the gate's tiny model does not export ({last})")
+        try:
+            api.export_engine(directory / "ckpt", directory / "engine", max_len=MAX_LEN, verify=False, progress=False)
+        except api.errors() as e:
+            raise GateError(f"the gate's tiny model does not export ({e})") from None
     return directory / "engine"
 
 
@@ -183,6 +183,10 @@ class Tree:
                                      stderr=self.log, text=True)
 
     def read(self) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], WORKER_TIMEOUT)
+        if not ready:
+            self.proc.kill()
+            raise GateError(f"the {self.name} tree's worker did not answer within {WORKER_TIMEOUT} s")
         line = self.proc.stdout.readline()
         if not line:
             self.log.seek(0)

@@ -68,12 +68,47 @@ def reference(model_dir, params: mesa.MesaParams, max_len: int, method: str = "m
     return TorchStep(lm.model), cache
 
 
-def export_engine(model_dir: Path, out: Path, max_len: int, extra: list[str] = ()) -> Path:
-    """Run the real export CLI in-process; fails the test on a non-zero exit."""
-    from export.cli import main
+def run_fixture(step, cache, case: OfficialCase):
+    """(prefill logits, decode logits, sequence state) of an official case's prompt and fed tokens."""
+    from runtime import scheduler
 
-    code = main(["--model", str(model_dir), "--max-len", str(max_len), "--out", str(out), *extra])
-    assert code == 0, f"export exited with {code}"
+    steps = mesa.prefill_steps(len(case.input_ids), case.params)
+    prefill, seq = scheduler.prefill(step, case.input_ids, steps, cache)
+    decode = np.stack([scheduler.decode(step, t, seq, cache) for t in case.fed_tokens])
+    return prefill, decode, seq
+
+
+def hf_logits(model_dir, ids: np.ndarray) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)[None]).logits[0].numpy()
+
+
+def greedy_sequence(step, cache, ids, steps, new_tokens: int):
+    """Prefill logits, then decode rows; returns (all prompt+decode logits, full token sequence)."""
+    from runtime import scheduler
+
+    prefill, seq = scheduler.prefill(step, ids, steps, cache)
+    rows, tokens = [prefill], list(ids)
+    token = int(prefill[-1].argmax())
+    for _ in range(new_tokens):
+        tokens.append(token)
+        row = scheduler.decode(step, token, seq, cache)
+        rows.append(row[None])
+        token = int(row.argmax())
+    return np.concatenate(rows), np.array(tokens, dtype=np.int64)
+
+
+def export_engine(model_dir: Path, out: Path, max_len: int, extra: list[str] = ()) -> Path:
+    """Export with export.api.export_engine; `extra` takes export.py's flags (--method origin, --no-verify, ...),
+    read by export.py's own parser. A failed export raises its error."""
+    from export import api, cli
+
+    args = cli.parser().parse_args(["--model", str(model_dir), "--max-len", str(max_len), "--out", str(out), *extra])
+    api.export_engine(args.model, args.out, **cli.api_kwargs(args), progress=False)
     return out
 
 

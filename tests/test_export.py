@@ -17,8 +17,8 @@ import pytest
 from runtime import artifact, mesa, scheduler
 from runtime.backends import OrtStep
 from runtime.kv_cache import CacheShape, KVCache
-from tests.conftest import OfficialCase, export_engine, tiny_checkpoint
-from tests.test_reference import greedy_sequence, hf_logits, reference, run_fixture
+from tests.conftest import (OfficialCase, export_engine, greedy_sequence, hf_logits, reference, run_fixture,
+                            tiny_checkpoint)
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]

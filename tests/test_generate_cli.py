@@ -92,6 +92,60 @@ def text_engine(official_engine, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def byte_bpe():
+    """A byte-level BPE tokenizer (GPT-2 style): multi-byte characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>", "</s>"])
+    tok.train_from_iterator(["héllo wörld, ünïcode 日本語のテキスト, an emoji 😀 and more words"] * 4, trainer)
+    return tok
+
+
+STREAMED = "héllo 日本語 😀 wörld, テキスト and ünïcode"
+
+
+def streamed(tok, ids) -> list[str]:
+    text = generate.TextStream(tok)
+    return [text.step(i) for i in ids]
+
+
+def test_streamed_text_equals_the_full_decode(byte_bpe):
+    ids = [byte_bpe.token_to_id("<s>"), *byte_bpe.encode(STREAMED).ids, byte_bpe.token_to_id("</s>")]
+    pieces = streamed(byte_bpe, ids)
+    assert "".join(pieces) == byte_bpe.decode(ids, skip_special_tokens=True) == STREAMED
+    assert "" in pieces  # some tokens end inside a character: nothing shown until it is complete
+    assert generate.TextStream(byte_bpe).decoder is not None  # this tokenizers streams (DecodeStream)
+
+
+def test_streamed_text_without_decode_stream(byte_bpe, monkeypatch):
+    import tokenizers.decoders
+
+    ids = byte_bpe.encode(STREAMED).ids
+    streaming = streamed(byte_bpe, ids)
+    monkeypatch.delattr(tokenizers.decoders, "DecodeStream")  # tokenizers before 0.21
+    assert generate.TextStream(byte_bpe).decoder is None
+    assert streamed(byte_bpe, ids) == streaming and "".join(streaming) == STREAMED
+
+
+def test_streamed_text_survives_a_failing_decode_stream(byte_bpe):
+    ids = byte_bpe.encode(STREAMED).ids
+    text = generate.TextStream(byte_bpe)
+    pieces = [text.step(i) for i in ids[:5]]
+
+    class Broken:
+        def step(self, tokenizer, token):
+            raise Exception("Invalid prefix encountered")
+
+    text.decoder = Broken()
+    pieces += [text.step(i) for i in ids[5:]]
+    assert "".join(pieces) == STREAMED and text.decoder is None
+
+
 def test_text_in_text_out(text_engine, capsys):
     engine = MesaEngine.load(text_engine, backend="ort-cpu")
     prompt = " ".join(WORDS[i] for i in range(0, 400, 3))
@@ -189,7 +243,7 @@ def test_errors_in_a_subprocess_have_no_traceback(errors, official_engine, tmp_p
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     if not GPU:
         proc = cli("runtime.generate", official_engine("a_L300_gqa"), "--prompt", "x", "--backend", "ort-cuda")
-        assert proc.returncode == 2 and "backend ort-cuda is not installed" in proc.stderr
+        assert proc.returncode == 2 and "backend ort-cuda cannot run this engine" in proc.stderr
         assert "Traceback" not in proc.stderr
     (tmp_path / "one.json").write_text("[5]")
     proc = cli("runtime.score", official_engine("a_L300_gqa"), "--input-ids-file", tmp_path / "one.json")

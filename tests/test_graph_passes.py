@@ -26,8 +26,7 @@ from runtime.batch_decoder import InplaceDecoder
 from runtime.batcher import Batcher
 from runtime.sequence import Sequence
 from runtime.kv_cache import CacheShape, KVCache
-from tests.conftest import export_engine, load_official
-from tests.test_reference import run_fixture
+from tests.conftest import export_engine, load_official, run_fixture
 
 TOL = 1e-4
 CASE = "a_L300_gqa"

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from export import loading
 from runtime import mesa, scheduler
-from tests.conftest import OfficialCase, reference, tiny_checkpoint
+from tests.conftest import OfficialCase, greedy_sequence, hf_logits, reference, run_fixture, tiny_checkpoint
 
 TOL = 1e-4
-
-
-def run_fixture(step, cache, case: OfficialCase):
-    steps = mesa.prefill_steps(len(case.input_ids), case.params)
-    prefill, seq = scheduler.prefill(step, case.input_ids, steps, cache)
-    decode = np.stack([scheduler.decode(step, t, seq, cache) for t in case.fed_tokens])
-    return prefill, decode, seq
 
 
 def test_official_fixture(official_case: OfficialCase):
@@ -30,27 +22,6 @@ def test_official_fixture(official_case: OfficialCase):
     assert dp <= TOL and dd <= TOL
     assert decode.argmax(-1).tolist() == official_case.argmax_tokens
     assert int(prefill[-1].argmax()) == official_case.fed_tokens[0]
-
-
-def hf_logits(model_dir, ids: np.ndarray) -> np.ndarray:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.from_numpy(ids)[None]).logits[0].numpy()
-
-
-def greedy_sequence(step, cache, ids, steps, new_tokens: int):
-    """Prefill logits, then decode rows; returns (all prompt+decode logits, full token sequence)."""
-    prefill, seq = scheduler.prefill(step, ids, steps, cache)
-    rows, tokens = [prefill], list(ids)
-    token = int(prefill[-1].argmax())
-    for _ in range(new_tokens):
-        tokens.append(token)
-        row = scheduler.decode(step, token, seq, cache)
-        rows.append(row[None])
-        token = int(row.argmax())
-    return np.concatenate(rows), np.array(tokens, dtype=np.int64)
 
 
 ARCHS = {

@@ -59,9 +59,10 @@ def test_a_reference_that_cannot_export_is_an_error_not_a_pass(engines, tmp_path
     broken = tmp_path / "broken"
     for part in ("export", "graph_ops", "runtime", "scripts"):
         shutil.copytree(ROOT / part, broken / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    cli = broken / "export" / "cli.py"
-    cli.write_text(cli.read_text().replace("    args = parser().parse_args(argv)\n",
-                                           "    print('error: this reference cannot export', file=sys.stderr)\n    return 2\n", 1))
+    api = broken / "export" / "api.py"
+    line = "        check_options(method, target, quantize, dtype, max_len)\n"
+    assert line in api.read_text()
+    api.write_text(api.read_text().replace(line, "        raise OSError('this reference cannot export')\n", 1))
     shutil.copytree(engines / "current", tmp_path / "e" / "current")  # only the reference has to export
     code, out, err = run("--reference-tree", str(broken), "--engines", str(tmp_path / "e"), *FAST)
     assert code == 2 and "gate: " not in out

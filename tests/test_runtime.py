@@ -415,17 +415,69 @@ def test_backend_errors(engine_dir, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda", "tensorrt"])
-def test_missing_backend_is_named(engine_dir, backend):
+def test_missing_backend_is_named(engine_dir, backend, tmp_path):
     if backends.PROVIDERS[backend] in AVAILABLE:
         pytest.skip(f"{backends.PROVIDERS[backend]} is installed here")
+    anywhere = rewritten_copy(engine_dir, tmp_path / "e", lambda m: m.update(target="portable"))  # runs on any backend
     with pytest.raises(BackendError, match=f"backend {backend} is not installed.*pip install"):
-        MesaEngine.load(engine_dir, backend=backend)
+        MesaEngine.load(anywhere, backend=backend)
 
 
 def test_auto_picks_cpu_here(engine_dir):
     if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(AVAILABLE):
         pytest.skip("a GPU provider is installed: auto would pick it")
     assert MesaEngine.load(engine_dir, backend="auto").backend == "ort-cpu"
+
+
+# ------------------------------------------------------------------------------ backends by the manifest's target
+
+ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("available, target, chosen", [
+    (ALL, "ort-cpu", "ort-cpu"), (ALL, "ort-cuda", "ort-cuda"), (ALL, "tensorrt", "tensorrt"),
+    (ALL, "portable", "tensorrt"),
+    (ALL[1:], "tensorrt", "ort-cuda"), (ALL[1:], "portable", "ort-cuda"), (ALL[1:], "ort-cpu", "ort-cpu"),
+    (ALL[2:], "ort-cuda", "ort-cpu"), (ALL[2:], "portable", "ort-cpu"),
+])
+def test_auto_picks_among_the_backends_the_target_was_made_for(monkeypatch, available, target, chosen):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert backends.pick_backend("auto", target) == chosen
+
+
+def test_auto_without_a_backend_for_the_target_is_one_error(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ALL[2:])
+    with pytest.raises(BackendError, match="no backend for a tensorrt engine is installed: it runs on tensorrt or "
+                                           "ort-cuda") as e:
+        backends.pick_backend("auto", "tensorrt")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("requested, target", [("ort-cuda", "ort-cpu"), ("tensorrt", "ort-cpu"),
+                                               ("ort-cpu", "tensorrt"), ("tensorrt", "ort-cuda")])
+def test_an_explicit_backend_the_target_was_not_made_for_is_refused(monkeypatch, requested, target):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ALL)  # installed: the target alone refuses it
+    with pytest.raises(BackendError, match=f"backend {requested} cannot run this engine: it was exported for "
+                                           f"target {target}") as e:
+        backends.pick_backend(requested, target)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("requested", backends.BACKENDS)
+def test_a_portable_engine_takes_any_backend(monkeypatch, requested):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ALL)
+    assert backends.pick_backend(requested, "portable") == requested
+
+
+def test_load_respects_the_manifest_target(engine_dir, tmp_path):
+    assert artifact.load_manifest(engine_dir).target == "ort-cpu"
+    with pytest.raises(BackendError, match="backend ort-cuda cannot run this engine: it was exported for target "
+                                           "ort-cpu, which runs on ort-cpu"):
+        MesaEngine.load(engine_dir, backend="ort-cuda")
+    gpu_only = rewritten_copy(engine_dir, tmp_path / "e", lambda m: m.update(target="tensorrt"))
+    with pytest.raises(BackendError, match="backend ort-cpu cannot run this engine: it was exported for target "
+                                           "tensorrt"):
+        MesaEngine.load(gpu_only, backend="ort-cpu")
 
 
 # ------------------------------------------------------------------------------ threads

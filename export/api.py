@@ -1,0 +1,205 @@
+"""The exporter as a library: a Hugging Face checkpoint in, a Mesa-Extrapolation engine directory out.
+
+    from export.api import export_engine
+    manifest = export_engine("tinyllama-1.1b", "engines/tiny-8k", max_len=8192)
+    manifest = export_engine(path, out, max_len=4096, params={"push_width": 8}, target="portable", force=True)
+
+Failures raise (never print, never exit): loading.ModelLoadError (the checkpoint), mesa.MesaParamError
+(the Mesa parameters or max_len), preflight.Refused (an unsafe `out`, too little memory or disk, an
+option value that does not exist), pipeline.PassError (a graph pass), verify.VerificationError (the
+engine does not reproduce the reference), OSError (the filesystem). Whatever leaves `export_engine`
+(KeyboardInterrupt included) carries `export_staged` (an engine directory was being written) and
+`export_written` (`out` holds the new engine: true only for an interrupt during the final commit).
+`python export.py` (export/cli.py) is a thin wrapper over this module.
+"""
+
+from __future__ import annotations
+
+import gc
+import numbers
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from runtime.artifact import Manifest
+
+METHODS = ("mesa", "origin")
+TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")  # graph_ops.pipeline.TARGETS (not imported: seconds)
+QUANTIZE = ("none", "int4")
+DTYPES = ("fp32", "fp16", "bf16")
+STAGES = ("load", "trace", "passes", "save", "verify")  # commit.fault points, in order
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    out: Path
+    ops: Counter  # op type -> node count of the exported graph
+    verify: str  # what the verify step reports, or why it was skipped
+
+
+def default_dtype(target: str) -> str:
+    return "fp16" if target in ("ort-cuda", "tensorrt") else "fp32"
+
+
+def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa",
+                  params: dict | None = None, target: str = "ort-cpu", quantize: str = "none",
+                  dtype: str | None = None, force: bool = False, verify: bool = True,
+                  progress: bool = True) -> Manifest:
+    """Export `model` (an alias, a local HF folder, or an HF id in the local cache) to the engine directory
+    `out` and return its manifest.
+
+    max_len: longest sequence (prompt + generated tokens) the engine serves; method: mesa | origin;
+    params: MesaParams fields overriding the alias preset / the default rule (loading.default_params);
+    target: portable | ort-cpu | ort-cuda | tensorrt; quantize: none | int4; dtype: fp32 | fp16 | bf16
+    (default fp16 for ort-cuda and tensorrt, else fp32); force: replace `out` if it is an engine directory
+    or empty; verify: check the engine against the PyTorch reference; progress: a bar on stderr."""
+    return run_export(model, out, max_len=max_len, method=method, params=params, target=target, quantize=quantize,
+                      dtype=dtype, force=force, verify=verify, progress=progress).manifest
+
+
+def errors() -> tuple[type[Exception], ...]:
+    """The exception types export_engine raises for an export that cannot be done (anything else is a bug).
+    Imports graph_ops.pipeline and export.verify (seconds): the CLI, which must refuse in milliseconds, asks
+    only the modules already loaded."""
+    from export import loading, preflight, verify
+    from graph_ops import pipeline
+    from runtime import mesa
+
+    return (loading.ModelLoadError, mesa.MesaParamError, preflight.Refused, pipeline.PassError,
+            verify.VerificationError, OSError)
+
+
+def quiet_libraries() -> None:
+    """torch.onnx logs every torchvision op it skips and deprecation notes; users need none of it."""
+    import logging
+    import warnings
+
+    import torch  # noqa: F401  (configures its loggers on import; ours must come after)
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def check_options(method: str, target: str, quantize: str, dtype: str, max_len) -> None:
+    from export.preflight import Refused
+
+    for name, value, choices in (("method", method, METHODS), ("target", target, TARGETS),
+                                 ("quantize", quantize, QUANTIZE), ("dtype", dtype, DTYPES)):
+        if value not in choices:
+            raise Refused(f"{name} {value!r} is not one of {', '.join(choices)}")
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
+        raise Refused(f"max_len must be an integer, got {max_len!r}")
+
+
+def check_lengths(max_len: int, method: str, params) -> None:
+    from runtime import mesa
+
+    if max_len < 1:
+        raise mesa.MesaParamError(f"--max-len must be above zero, got {max_len}")
+    if method == "mesa":
+        if max_len < params.first_chunk:
+            raise mesa.MesaParamError(f"--max-len {max_len} is smaller than the first chunk F={params.first_chunk}")
+        for n in range(1, max_len + 1):  # every prompt the engine may receive must have a plan
+            try:
+                mesa.dynamic_split(n, params)
+            except mesa.MesaParamError as e:
+                raise mesa.MesaParamError(f"Mesa parameters {params.as_dict()} fail for a prompt of {n} tokens: {e}") from None
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def preflight_checks(model, out: Path, max_len: int, method: str, params: dict | None, force: bool, dtype: str,
+                     log: Callable[[str], None] = _stderr):
+    """Everything that can refuse the export, cheapest first, before the weights are read: (path, alias,
+    config, params). The `out` checks come before torch is even imported."""
+    from export import commit, loading, preflight
+
+    path, alias = loading.resolve_model(str(model))
+    for line in commit.sweep(out):  # first: it may put back an engine a dead export had moved aside
+        log(line)
+    preflight.check_out(out, force, path)
+    quiet_libraries()
+    config = loading.load_config(path)
+    for w in loading.check_supported(config):
+        log(f"warning: {w}")
+    mesa_params = loading.default_params(config, alias, params)
+    head_dim = loading.rope_config(config).head_dim
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    preflight.check_memory(max_len, head_dim, config.num_hidden_layers, kv_heads, dtype)
+    check_lengths(max_len, method, mesa_params)  # O(max_len): after the memory check has refused absurd lengths
+    shapes = loading.tensor_shapes(path)
+    preflight.check_disk(out, preflight.engine_bytes(shapes, dtype, max_len, head_dim))
+    return path, alias, config, mesa_params
+
+
+def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa", params: dict | None = None,
+               target: str = "ort-cpu", quantize: str = "none", dtype: str | None = None, force: bool = False,
+               verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr) -> ExportResult:
+    """export_engine with what the CLI's summary needs (op counts, the verify report); `log` gets the
+    warning lines and what the sweep of dead exports' leftovers did."""
+    from export import commit
+
+    dtype = dtype or default_dtype(target)
+    out = Path(out).expanduser().resolve()
+    staging = bar = None
+    try:
+        check_options(method, target, quantize, dtype, max_len)
+        max_len = int(max_len)  # numpy integers too; the manifest is JSON
+        path, alias, config, mesa_params = preflight_checks(model, out, max_len, method, params, force, dtype, log)
+        from tqdm import tqdm
+
+        from export import onnx_export
+        from export import verify as verifying
+        from graph_ops import pipeline
+
+        staging = commit.stage(out)
+        bar = tqdm(total=len(STAGES), desc="export", unit="stage", file=sys.stderr, disable=not progress,
+                   bar_format="{desc}: {n_fmt}/{total_fmt} {bar} [{elapsed}]")
+
+        def stage(name: str) -> None:
+            bar.set_description(f"export: {name}")
+            commit.fault(name)
+
+        stage("load")
+        lm = onnx_export.build_model(path, config, mesa_params, method, max_len, dtype, alias)
+        bar.update()
+        stage("trace")
+        graph = onnx_export.trace(lm)
+        bar.update()
+        stage("passes")
+        passes = pipeline.run_passes(graph, target, quantize,
+                                     progress=lambda name: bar.set_description(f"export: passes ({name})"))
+        bar.update()
+
+        manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target=target)
+        ops = Counter(n.op_type for n in graph.graph)
+        smoke = verifying.reference_run(lm) if verify else None
+        stage("save")
+        onnx_export.write_engine(staging.path, graph, path)
+        graph = lm = None  # free the weights before ONNX Runtime loads its own copy
+        gc.collect()
+        bar.update()
+        stage("verify")
+        check = verifying.check_quantized if quantize != "none" else verifying.check_engine
+        report = "skipped (--no-verify)" if smoke is None else check(staging.path, smoke)
+        onnx_export.write_manifest(staging.path, manifest)  # last: only a verified directory gets one
+        bar.update()
+        commit.commit(staging, force)
+        return ExportResult(manifest, out, ops, report)
+    except BaseException as e:
+        # asked of the filesystem, not of how far the code got, so it is true even for a signal mid-commit
+        e.export_staged = staging is not None
+        e.export_written = staging is not None and staging.published()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if staging is not None:
+            staging.discard()

@@ -1,0 +1,63 @@
+"""export.api.export_engine: the exporter as a library function (returns the manifest, raises typed errors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from export import api, loading, preflight
+from runtime import artifact, mesa
+from tests.conftest import MESA_T64, tiny_checkpoint
+
+MAX_LEN = 80
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama")
+
+
+def test_returns_the_manifest_it_writes(tiny, tmp_path, capsys):
+    out = tmp_path / "engine"
+    manifest = api.export_engine(tiny, out, max_len=MAX_LEN, params=MESA_T64, verify=False, progress=False)
+    assert isinstance(manifest, artifact.Manifest)
+    assert manifest.max_len == MAX_LEN and manifest.method == "mesa" and manifest.target == "ort-cpu"
+    assert manifest.params == MESA_T64 and manifest.dtype == "fp32"
+    assert artifact.load_manifest(out) == manifest
+    assert (out / artifact.MODEL_FILE).is_file()
+    assert capsys.readouterr().out == ""  # a library prints no summary
+    again = api.export_engine(tiny, out, max_len=MAX_LEN, method="origin", force=True, verify=False, progress=False)
+    assert again.method == "origin" and artifact.load_manifest(out).method == "origin"
+
+
+@pytest.mark.parametrize("kwargs, error, fragment", [
+    (dict(model="/nonexistent/checkpoint"), loading.ModelLoadError, "/nonexistent/checkpoint"),
+    (dict(params={"bogus": 1}), mesa.MesaParamError, "bogus"),
+    (dict(max_len=0), mesa.MesaParamError, "above zero"),
+    (dict(params={**MESA_T64, "first_chunk": 90}), mesa.MesaParamError, "train_length"),
+    (dict(target="gpu"), preflight.Refused, "target 'gpu'"),
+    (dict(quantize="int8"), preflight.Refused, "quantize 'int8'"),
+    (dict(max_len=10**9), preflight.Refused, "largest --max-len"),
+])
+def test_failures_raise_typed_errors_and_write_nothing(tiny, tmp_path, kwargs, error, fragment):
+    out = tmp_path / "engine"
+    options = dict(model=tiny, max_len=MAX_LEN, params=MESA_T64, verify=False, progress=False) | kwargs
+    with pytest.raises(error, match=fragment) as e:
+        api.export_engine(options.pop("model"), out, **options)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert e.value.export_written is False
+
+
+def test_an_existing_directory_is_refused_without_force(tiny, tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):  # --force replaces only an engine or an empty directory
+        with pytest.raises(preflight.Refused):
+            api.export_engine(tiny, out, max_len=MAX_LEN, params=MESA_T64, force=force, verify=False, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_api_knows_the_pipeline_targets():
+    from graph_ops import pipeline
+
+    assert api.TARGETS == pipeline.TARGETS
