@@ -64,6 +64,7 @@ class OrtStep:
         self.layers = sum(n.startswith("past_key_") for n in names)
         self.decode_cache = None  # the DecodeCache of an inplace engine, set by its owner
         self._idle_cache = None  # prefills without a decode cache (export's verify): zeros, never touched
+        self._bound: dict = {}  # (lo, hi) -> (the cache, the per-layer OrtValues over those rows)
 
     def new_cache(self, shape: CacheShape, dtype=np.float32) -> KVCache:
         return KVCache(shape, dtype)
@@ -99,6 +100,17 @@ class OrtStep:
             self._idle_cache = type("IdleCache", (), {"k": zeros, "v": zeros})
         return self._idle_cache
 
+    def _cache_values(self, cache, lo: int, hi: int) -> list:
+        """OrtValues over rows lo:hi of every layer's decode cache (views: no copy), made once per range:
+        a decode step binds the same ones every time."""
+        held, values = self._bound.get((lo, hi), (None, None))
+        if held is not cache:  # first use of this range, or another cache set since
+            values = [(DECODE_CACHE.format(kind, layer), DECODE_PRESENT.format(kind, layer),
+                       ort.OrtValue.ortvalue_from_numpy(array[layer, lo:hi]))
+                      for layer in range(self.layers) for kind, array in (("key", cache.k), ("value", cache.v))]
+            self._bound[(lo, hi)] = (cache, values)
+        return values
+
     def _run(self, feeds: dict, lo: int, hi: int):
         """Run with rows lo:hi of every per-layer decode cache bound as both past and present."""
         cache = self.decode_cache or self._idle()
@@ -107,11 +119,9 @@ class OrtStep:
             b.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in ("logits", "new_keys", "new_values"):
             b.bind_output(name, "cpu")
-        for layer in range(self.layers):
-            for kind, array in (("key", cache.k), ("value", cache.v)):
-                rows = ort.OrtValue.ortvalue_from_numpy(array[layer, lo:hi])  # a view: no copy
-                b.bind_ortvalue_input(DECODE_CACHE.format(kind, layer), rows)
-                b.bind_ortvalue_output(DECODE_PRESENT.format(kind, layer), rows)
+        for name, present, rows in self._cache_values(cache, lo, hi):
+            b.bind_ortvalue_input(name, rows)
+            b.bind_ortvalue_output(present, rows)
         self.session.run_with_iobinding(b)
         logits, new_k, new_v = (o.numpy() for o in b.get_outputs()[:3])
         return logits, new_k, new_v

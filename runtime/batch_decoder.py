@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import mesa
+from runtime import mesa, scheduler
 from runtime.artifact import ROPE_FILE
 from runtime.decode_cache import DecodeCache
 from runtime.kv_cache import CacheShape
@@ -90,13 +90,8 @@ class RowDecoder:
         pass
 
     def decode(self, batch) -> np.ndarray:
-        out = []
-        for w in batch:
-            step = mesa.decode_step(w.length, w.chunk_width)
-            logits, k, v = self.step_fn(np.array([[w.pending]], dtype=np.int64), step, 1, self.caches[w.slot])
-            self.caches[w.slot].write(step.write_pos, k, v)
-            out.append(logits[0, -1])
-        return np.stack(out)
+        return np.stack([scheduler.decode(self.step_fn, w.pending, scheduler.Sequence(w.length, w.chunk_width),
+                                          self.caches[w.slot]) for w in batch])
 
     def free(self, work) -> None:
         pass

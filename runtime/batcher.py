@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime import mesa
+from runtime import mesa, scheduler
 
 DEFAULT_TOKEN_BUDGET = 512
 
@@ -208,11 +208,9 @@ class Batcher:
     def _prefill_step(self, w: Work, step: mesa.Step) -> None:
         t = time.perf_counter()
         cache = self.decoder.prefill_cache(w)
-        keep = step.q if w.all_logits else 1
-        logits, k, v = self.step_fn(w.ids[None, step.start:step.stop], step, keep, cache)
-        cache.write(step.write_pos, k, v)
+        logits = scheduler.prefill_step(self.step_fn, w.ids[None], step, step.q if w.all_logits else 1, cache)
         if w.all_logits or not w.steps:
-            w.prefill_logits.append(logits[0])
+            w.prefill_logits.append(logits)
         w.length, w.chunk_width = step.stop, step.chunk_width
         w.prefill_seconds += time.perf_counter() - t
         if w.on_progress is not None:

@@ -27,6 +27,13 @@ class Sequence:
     chunk_width: int
 
 
+def prefill_step(step_fn: StepFn, ids: np.ndarray, step: mesa.Step, logits_to_keep: int, cache: KVCache) -> np.ndarray:
+    """One step of a plan over the prompt `ids` [1, L]: run it, write its rows; returns logits [n, vocab]."""
+    logits, k, v = step_fn(ids[:, step.start:step.stop], step, logits_to_keep, cache)
+    cache.write(step.write_pos, k, v)
+    return logits[0]
+
+
 def prefill(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cache: KVCache,
             all_logits: bool = True, on_step: Callable[[mesa.Step], None] | None = None
             ) -> tuple[np.ndarray, Sequence]:
@@ -35,13 +42,9 @@ def prefill(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cach
     out = []
     for step in steps:
         last = step is steps[-1]
-        keep = step.q if all_logits else 1
-        if all_logits or last:
-            logits, k, v = step_fn(ids[:, step.start:step.stop], step, keep, cache)
-            out.append(logits[0])
-        else:  # a chunk whose logits nobody reads still needs one row computed: the graph keeps >= 1
-            _, k, v = step_fn(ids[:, step.start:step.stop], step, 1, cache)
-        cache.write(step.write_pos, k, v)
+        logits = prefill_step(step_fn, ids, step, step.q if all_logits else 1, cache)
+        if all_logits or last:  # a chunk whose logits nobody reads still computes one row: the graph keeps >= 1
+            out.append(logits)
         if on_step is not None:
             on_step(step)
     return np.concatenate(out, axis=0), Sequence(steps[-1].stop, steps[-1].chunk_width)

@@ -9,8 +9,8 @@ import pytest
 from scripts import fixtures
 
 ROOT = fixtures.ROOT
-# ways a file could reach outside the repository root (the old ../shared layout among them)
-OUTSIDE = re.compile(r"parents\[[2-9]\]|\.\./shared|/shared/fixtures|ROOT\.parent|REPO\.parent")
+# ways a file could reach outside the repository root (the old layout beside the checkout among them)
+OUTSIDE = re.compile(r"parents\[[2-9]\]|\.\.[/]shared|[/]shared[/]fixtures|ROOT\.parent|REPO\.parent")
 
 
 def test_every_fixture_path_is_inside_the_repository():

@@ -23,8 +23,7 @@ from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, pipeline,
 from runtime import artifact, mesa
 from runtime.backends import OrtStep
 from runtime.batch_decoder import InplaceDecoder
-from runtime.batcher import Batcher
-from runtime.sequence import Sequence
+from runtime.sequence import replay
 from runtime.kv_cache import CacheShape, KVCache
 from tests.conftest import export_engine, load_official, run_fixture
 
@@ -63,18 +62,9 @@ def run(model: ir.Model, case, tmp_path: Path, rope: Path | None = None) -> np.n
         prefill, decode, _ = run_fixture(step, KVCache(load_manifest_shape(case)), case)
         return np.concatenate([prefill, decode])
     decoder = InplaceDecoder(step, load_manifest_shape(case), 1, np.load(rope), case.params)
-    batcher = Batcher(step, decoder)
-    try:
-        seq = Sequence(batcher, dict(ids=case.input_ids, plan=mesa.prefill_steps(len(case.input_ids), case.params),
-                                     all_logits=True), 512)
-        seq.step()
-        decode = []
-        for t in case.fed_tokens:
-            seq.append([t])
-            decode.append(seq.step())
-        return np.concatenate([seq.prompt_logits, np.stack(decode)])
-    finally:
-        batcher.close()
+    prefill, decode = replay(step, decoder, case.input_ids, mesa.prefill_steps(len(case.input_ids), case.params),
+                             case.fed_tokens)
+    return np.concatenate([prefill, decode])
 
 
 def load_manifest_shape(case) -> CacheShape:
