@@ -3,6 +3,7 @@
     from export.api import export_engine
     manifest = export_engine("tinyllama-1.1b", "engines/tiny-8k", max_len=8192)
     manifest = export_engine(path, out, max_len=4096, params={"push_width": 8}, target="portable", force=True)
+    manifest = export_engine(path, out, max_len=12288, precision="int8-int4")   # int8 prefill, int4 decode
 
 Failures raise (never print, never exit): loading.ModelLoadError (the checkpoint), mesa.MesaParamError
 (the Mesa parameters or max_len), preflight.Refused (an unsafe `out`, too little memory or disk, an
@@ -27,8 +28,8 @@ from runtime.artifact import Manifest
 
 METHODS = ("mesa", "origin")
 TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")  # graph_ops.pipeline.TARGETS (not imported: seconds)
-QUANTIZE = ("none", "int4")
-DTYPES = ("fp32", "fp16", "bf16")
+# graph_ops.precision.PRECISIONS (not imported: seconds); fp* are float engines, int* quantize MatMul weights
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-int4")
 STAGES = ("load", "trace", "passes", "save", "verify")  # commit.fault points, in order
 
 
@@ -40,24 +41,29 @@ class ExportResult:
     verify: str  # what the verify step reports, or why it was skipped
 
 
-def default_dtype(target: str) -> str:
+def default_precision(target: str) -> str:
     return "fp16" if target in ("ort-cuda", "tensorrt") else "fp32"
 
 
+def float_dtype(precision: str) -> str:
+    """The float type of what a quantized engine keeps unquantized (graph_ops.precision.float_dtype)."""
+    return precision if precision in ("fp32", "fp16", "bf16") else "fp32"
+
+
 def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa",
-                  params: dict | None = None, target: str = "ort-cpu", quantize: str = "none",
-                  dtype: str | None = None, force: bool = False, verify: bool = True,
-                  progress: bool = True) -> Manifest:
+                  params: dict | None = None, target: str = "ort-cpu", precision: str | None = None,
+                  force: bool = False, verify: bool = True, progress: bool = True) -> Manifest:
     """Export `model` (an alias, a local HF folder, or an HF id in the local cache) to the engine directory
     `out` and return its manifest.
 
     max_len: longest sequence (prompt + generated tokens) the engine serves; method: mesa | origin;
-    params: MesaParams fields overriding the alias preset / the default rule (loading.default_params);
-    target: portable | ort-cpu | ort-cuda | tensorrt; quantize: none | int4; dtype: fp32 | fp16 | bf16
-    (default fp16 for ort-cuda and tensorrt, else fp32); force: replace `out` if it is an engine directory
+    params: MesaParams fields overriding the alias preset / the default rule (mesa.default_params);
+    target: portable | ort-cpu | ort-cuda | tensorrt; precision: fp32 | fp16 | bf16 (a float engine of that
+    type; default fp16 for ort-cuda and tensorrt, else fp32) or int8 | int4 | int8-int4 (MatMul weights
+    quantized, the rest fp32; ort-cpu only; graph_ops/precision.py says how); force: replace `out` if it is an engine directory
     or empty; verify: check the engine against the PyTorch reference; progress: a bar on stderr."""
-    return run_export(model, out, max_len=max_len, method=method, params=params, target=target, quantize=quantize,
-                      dtype=dtype, force=force, verify=verify, progress=progress).manifest
+    return run_export(model, out, max_len=max_len, method=method, params=params, target=target, precision=precision,
+                      force=force, verify=verify, progress=progress).manifest
 
 
 def errors() -> tuple[type[Exception], ...]:
@@ -85,13 +91,16 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def check_options(method: str, target: str, quantize: str, dtype: str, max_len) -> None:
+def check_options(method: str, target: str, precision: str, max_len) -> None:
     from export.preflight import Refused
 
     for name, value, choices in (("method", method, METHODS), ("target", target, TARGETS),
-                                 ("quantize", quantize, QUANTIZE), ("dtype", dtype, DTYPES)):
+                                 ("precision", precision, PRECISIONS)):
         if value not in choices:
             raise Refused(f"{name} {value!r} is not one of {', '.join(choices)}")
+    if precision.startswith("int") and target != "ort-cpu":
+        raise Refused(f"precision {precision} is for target ort-cpu (onnxruntime.quantization's CPU kernels), "
+                      f"not {target}")
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
         raise Refused(f"max_len must be an integer, got {max_len!r}")
 
@@ -102,13 +111,7 @@ def check_lengths(max_len: int, method: str, params) -> None:
     if max_len < 1:
         raise mesa.MesaParamError(f"--max-len must be above zero, got {max_len}")
     if method == "mesa":
-        if max_len < params.first_chunk:
-            raise mesa.MesaParamError(f"--max-len {max_len} is smaller than the first chunk F={params.first_chunk}")
-        for n in range(1, max_len + 1):  # every prompt the engine may receive must have a plan
-            try:
-                mesa.dynamic_split(n, params)
-            except mesa.MesaParamError as e:
-                raise mesa.MesaParamError(f"Mesa parameters {params.as_dict()} fail for a prompt of {n} tokens: {e}") from None
+        mesa.check_every_length(max_len, params)
 
 
 def _stderr(line: str) -> None:
@@ -120,6 +123,7 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
     """Everything that can refuse the export, cheapest first, before the weights are read: (path, alias,
     config, params). The `out` checks come before torch is even imported."""
     from export import commit, loading, preflight
+    from runtime import mesa
 
     path, alias = loading.resolve_model(str(model))
     for line in commit.sweep(out):  # first: it may put back an engine a dead export had moved aside
@@ -129,7 +133,7 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
     config = loading.load_config(path)
     for w in loading.check_supported(config):
         log(f"warning: {w}")
-    mesa_params = loading.default_params(config, alias, params)
+    mesa_params = mesa.default_params(config.max_position_embeddings, alias and alias.params, params)
     head_dim = loading.rope_config(config).head_dim
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     preflight.check_memory(max_len, head_dim, config.num_hidden_layers, kv_heads, dtype)
@@ -140,17 +144,18 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
 
 
 def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa", params: dict | None = None,
-               target: str = "ort-cpu", quantize: str = "none", dtype: str | None = None, force: bool = False,
+               target: str = "ort-cpu", precision: str | None = None, force: bool = False,
                verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr) -> ExportResult:
     """export_engine with what the CLI's summary needs (op counts, the verify report); `log` gets the
     warning lines and what the sweep of dead exports' leftovers did."""
     from export import commit
 
-    dtype = dtype or default_dtype(target)
+    precision = precision or default_precision(target)
     out = Path(out).expanduser().resolve()
     staging = bar = None
     try:
-        check_options(method, target, quantize, dtype, max_len)
+        check_options(method, target, precision, max_len)
+        dtype = float_dtype(precision)
         max_len = int(max_len)  # numpy integers too; the manifest is JSON
         path, alias, config, mesa_params = preflight_checks(model, out, max_len, method, params, force, dtype, log)
         from tqdm import tqdm
@@ -174,20 +179,20 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
         graph = onnx_export.trace(lm)
         bar.update()
         stage("passes")
-        passes = pipeline.run_passes(graph, target, quantize,
-                                     progress=lambda name: bar.set_description(f"export: passes ({name})"))
+        passes, decode_graph = pipeline.export_graphs(
+            graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"))
         bar.update()
 
-        manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target=target)
+        manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target, precision, decode_graph)
         ops = Counter(n.op_type for n in graph.graph)
         smoke = verifying.reference_run(lm) if verify else None
         stage("save")
-        onnx_export.write_engine(staging.path, graph, path)
-        graph = lm = None  # free the weights before ONNX Runtime loads its own copy
+        onnx_export.write_engine(staging.path, graph, path, decode_graph)
+        graph = decode_graph = lm = None  # free the weights before ONNX Runtime loads its own copy
         gc.collect()
         bar.update()
         stage("verify")
-        check = verifying.check_quantized if quantize != "none" else verifying.check_engine
+        check = verifying.check_quantized if precision.startswith("int") else verifying.check_engine
         report = "skipped (--no-verify)" if smoke is None else check(staging.path, smoke)
         onnx_export.write_manifest(staging.path, manifest)  # last: only a verified directory gets one
         bar.update()

@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from export.api import DTYPES, METHODS, QUANTIZE, TARGETS, default_dtype, quiet_libraries  # noqa: F401
+from export.api import METHODS, PRECISIONS, TARGETS, default_precision, quiet_libraries  # noqa: F401
 
 EXIT_BAD_INPUT = 2
 
@@ -44,10 +44,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=TARGETS, default="ort-cpu",
                    help="backend the graph passes optimise for: ort-cpu (default), ort-cuda, tensorrt, or portable "
                         "(no passes: the MesaAttention function runs as is on any ONNX Runtime)")
-    p.add_argument("--quantize", choices=QUANTIZE, default="none",
-                   help="int4: weight-only int4 MatMulNBits (ort-cpu; faster decode, approximate logits)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weight/activation type (default fp16 for ort-cuda and tensorrt, else fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 | fp16 | bf16: a float engine of that type (default fp16 for ort-cuda and tensorrt, "
+                        "else fp32). int8: MatMul weights int8 per channel, activations quantized per call "
+                        "(faster prefill); int4: weights int4 in blocks of 32 (MatMulNBits; faster decode); "
+                        "int8-int4: both in one engine, int8 for prefill steps and int4 for decode steps. "
+                        "Quantized engines keep the rest in fp32, are for --target ort-cpu and give "
+                        "approximate logits")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it is an engine directory or empty (never anything else)")
     p.add_argument("--no-verify", action="store_true",
@@ -61,7 +64,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    args.dtype = args.dtype or default_dtype(args.target)
+    args.precision = args.precision or default_precision(args.target)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return export(args)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def api_kwargs(args) -> dict:
     """export.api.export_engine's keyword arguments for parsed export.py arguments (all but model and out)."""
     return dict(max_len=args.max_len, method=args.method, params={f: getattr(args, f) for _, f, _, _ in PARAM_FLAGS},
-                target=args.target, quantize=args.quantize, dtype=args.dtype, force=args.force,
+                target=args.target, precision=args.precision, force=args.force,
                 verify=not args.no_verify)
 
 
@@ -117,7 +120,7 @@ def summary(out: Path, manifest, ops: Counter, report: str) -> str:
     p = manifest.params
     lines = [
         f"wrote {out} ({size / 2**20:.1f} MiB)",
-        f"  method {manifest.method}, max_len {manifest.max_len}, dtype {manifest.dtype}, opset {manifest.opset}",
+        f"  method {manifest.method}, max_len {manifest.max_len}, precision {manifest.precision}, opset {manifest.opset}",
         f"  Mesa: T={p['train_length']} F={p['first_chunk']} Fc={p['first_chunk_cache']} C={p['last_context']} "
         f"G={p['reserve_tokens']} pw={p['push_width']} W0={p['chunk_width']}",
         f"  ops: {top}",

@@ -12,11 +12,11 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from runtime.mesa import MesaParamError, MesaParams
+from runtime import mesa
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so the CLI can refuse bad input before it loads
     import torch
@@ -34,87 +34,26 @@ SUPPORTED_ROPE_TYPES = ("default", "linear")
 
 # ------------------------------------------------------------------------------------- aliases
 
-_PUBLISHED = "published code (github.com/soacker/Mesa-Extrapolation @84a9189)"
-# The published `PositionSet` class defaults, i.e. the paper's general setting; they go with its T = 2048.
-_GENERAL = {"first_chunk": 100, "first_chunk_cache": 100, "last_context": 512, "reserve_tokens": 50,
-            "push_width": 50}
-_GENERAL_T = 2048
-
-
 @dataclass(frozen=True)
 class Alias:
+    """A short model name: its Hugging Face id and its Mesa preset (runtime.mesa.PRESETS, same key)."""
     hf_id: str
-    params: dict = field(default_factory=dict)  # MesaParams field -> value; chunk_width left out means W0 = T
-    source: str = ""
+    preset: mesa.Preset
+
+    @property
+    def params(self) -> dict:
+        return self.preset.params
+
+    @property
+    def source(self) -> str:
+        return self.preset.source
 
 
-def _general(T: int, why: str) -> tuple[dict, str]:  # (params, source)
-    return {"train_length": T, **_GENERAL}, (
-        f"no published setting for this model: the paper's general setting (F=Fc=100, C=512, G=50, pw=50, "
-        f"the published PositionSet defaults) with T={T} = {why}; W0 = T")
-
-
-ALIASES: dict[str, Alias] = {
-    "llama2-7b": Alias("meta-llama/Llama-2-7b-hf", {"train_length": 2048, **_GENERAL}, (
-        f"{_PUBLISHED}: the experiment script runs Llama-2 with T=2048 although Llama-2 is trained at 4096; "
-        "its utils.get_model has no branch for the base model, so the PositionSet defaults apply "
-        "(F=Fc=100, C=512, G=50, pw=50); W0 = T = 2048 as the script sets it for llama2-7b-chat and vicuna "
-        "(the class default W would be 1800; MESA_SPEC section 11 fixes W0 = T)")),
-    "llama2-7b-chat": Alias("meta-llama/Llama-2-7b-chat-hf", {
-        "train_length": 2048, "first_chunk": 100, "first_chunk_cache": 100, "last_context": 800,
-        "reserve_tokens": 50, "push_width": 20}, (
-        f"{_PUBLISHED}: utils.get_model's 'llama2-7b-chat' branch sets train_length=2048 (Llama-2 is trained "
-        "at 4096; the script uses 2048), context_window_length=2048 (W0 = T), last_context=800, push_width=20; "
-        "F=Fc=100 and G=50 are the PositionSet defaults")),
-    "vicuna-7b": Alias("lmsys/vicuna-7b-v1.5", {
-        "train_length": 2048, "first_chunk": 100, "first_chunk_cache": 100, "last_context": 1024,
-        "reserve_tokens": 50, "push_width": 200}, (
-        f"{_PUBLISHED}: utils.get_model's 'vicuna' branch sets train_length=2048 (vicuna-7b-v1.5 is Llama-2 "
-        "based, trained at 4096; the script uses 2048), context_window_length=2048 (W0 = T), last_context=1024, "
-        "push_width=200; F=Fc=100 and G=50 are the PositionSet defaults")),
-    "tinyllama-1.1b": Alias("TinyLlama/TinyLlama-1.1B-Chat-v1.0", *_general(
-        2048, "TinyLlama's pre-training sequence length (config max_position_embeddings=2048)")),
-    "llama3-8b": Alias("meta-llama/Meta-Llama-3-8B", *_general(
-        8192, "Llama 3's pre-training sequence length (config max_position_embeddings=8192)")),
-    "mistral-7b": Alias("mistralai/Mistral-7B-v0.1", *_general(
-        8192, "the training context length in the Mistral 7B paper (arXiv 2310.06825, Table 1: context_len "
-        "8192, window 4096); its config's max_position_embeddings=32768 is not a trained length")),
-    "qwen2-7b": Alias("Qwen/Qwen2-7B", *_general(
-        32768, "the context Qwen2 was pre-trained up to (Qwen2 technical report, arXiv 2407.10671: extended "
-        "from 4096 to 32768 at the end of pre-training); longer serving lengths in its config rely on YaRN")),
-}
-
-
-def default_params(config, alias: Alias | None = None, overrides: dict | None = None) -> MesaParams:
-    """The Mesa parameters for an export: per field, `overrides` (None values ignored) beat the alias
-    preset, which beats this rule, derived from T alone:
-
-        T  = overrides' or the alias's train_length, else config.max_position_embeddings
-        s  = min(1, T / 2048)
-        F  = Fc = max(1, round(100 s))   C = round(512 s)   G = round(50 s)   pw = max(1, round(50 s))
-        W0 = T
-
-    That is the paper's general setting (the published PositionSet defaults, which go with T = 2048) for
-    every T >= 2048 — the same numbers the aliases without a published setting use — and the same setting
-    shrunk in proportion for smaller T (tiny test models), where F = Fc = 100 would not fit. DynamicSplit
-    then always works: W <= T - F - Fc, so W + F < T as long as Fc >= 1 and F + Fc < T, which is checked.
-    """
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(MesaParams.__dataclass_fields__))
-    if unknown:
-        raise MesaParamError(f"unknown Mesa parameter(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(MesaParams.__dataclass_fields__)}")
-    preset = alias.params if alias is not None else {}
-    T = int(given.get("train_length", preset.get("train_length", config.max_position_embeddings)))
-    s = min(1.0, T / _GENERAL_T)
-    rule = {"train_length": T, "first_chunk": max(1, round(100 * s)), "first_chunk_cache": max(1, round(100 * s)),
-            "last_context": round(512 * s), "reserve_tokens": round(50 * s), "push_width": max(1, round(50 * s)),
-            "chunk_width": 0}
-    p = MesaParams(**{k: int(v) for k, v in {**rule, **preset, **given}.items()})
-    if p.first_chunk + p.first_chunk_cache >= p.train_length:  # DynamicSplit's D = T - F - Fc must be > 0
-        raise MesaParamError(f"first_chunk F={p.first_chunk} + first_chunk_cache Fc={p.first_chunk_cache} "
-                             f"must stay below train_length T={p.train_length}")
-    return p
+_HF_IDS = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+           "vicuna-7b": "lmsys/vicuna-7b-v1.5", "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+           "llama3-8b": "meta-llama/Meta-Llama-3-8B", "mistral-7b": "mistralai/Mistral-7B-v0.1",
+           "qwen2-7b": "Qwen/Qwen2-7B"}
+ALIASES: dict[str, Alias] = {name: Alias(hf_id, mesa.PRESETS[name]) for name, hf_id in _HF_IDS.items()}
 
 
 # ------------------------------------------------------------------------------ finding a model
@@ -379,6 +318,6 @@ def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | str | None = "
 
 __all__ = [
     "ALIASES", "Alias", "ModelLoadError", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES", "WEIGHT_FILES",
-    "check_supported", "check_tensors", "default_params", "hub_cache_dir", "iter_state_dict", "load_config", "load_state_dict",
+    "check_supported", "check_tensors", "hub_cache_dir", "iter_state_dict", "load_config", "load_state_dict",
     "resolve_model", "rope_config", "tensor_shapes", "weight_files",
 ]

@@ -87,8 +87,9 @@ def mesa_attention(
     k_cache/v_cache [layers,B,Hkv,max_len,d]; returns [B,H,q,d]."""
     a, b, w, W = (int(t) for t in (sink_len, window_start, write_pos, chunk_width))
     kc, vc = k_cache[layer], v_cache[layer]
-    keys = torch.cat((kc[:, :, :a], kc[:, :, b:w], k), dim=2)
-    values = torch.cat((vc[:, :, :a], vc[:, :, b:w], v), dim=2)
+    (s0, s1), (w0, w1), _ = mesa.visible_ranges(a, b, w, q.shape[2])  # sink, window, then the new block
+    keys = torch.cat((kc[:, :, s0:s1], kc[:, :, w0:w1], k), dim=2)
+    values = torch.cat((vc[:, :, s0:s1], vc[:, :, w0:w1], v), dim=2)
     m, nq = keys.shape[2], q.shape[2]
     pos = torch.from_numpy(mesa.key_positions(m, W, train_length, push_width))
     cos_k, sin_k = cos[pos], sin[pos]

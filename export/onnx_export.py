@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from export import loading
 from export.model import MesaDecoder, ModelArgs
 from graph_ops import mesa_op
 from runtime import artifact, mesa
+from runtime.kv_cache import CacheShape
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORTER_VERSION = "0.1.0"
@@ -32,6 +34,11 @@ class LoadedModel:
     method: str
     max_len: int
     dtype: str
+
+    @property
+    def cache_shape(self) -> CacheShape:
+        a = self.model.args
+        return CacheShape(a.num_hidden_layers, a.num_key_value_heads, self.max_len, a.head_dim)
 
 
 def build_model(path: Path, config, params: mesa.MesaParams, method: str, max_len: int, dtype: str,
@@ -90,12 +97,11 @@ def config_hash(path: Path) -> str:
     return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
 
 
-def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: list[str], target: str
-                  ) -> artifact.Manifest:
+def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: list[str], target: str,
+                  precision: str = "fp32", decode_graph: ir.Model | None = None) -> artifact.Manifest:
     """The manifest of `model`, which it also binds to the model: `artifact.graph_metadata` goes into
     model.metadata_props, so the saved graph refuses any other manifest at load."""
     a, cfg = lm.model.args, lm.config
-    eos = getattr(cfg, "eos_token_id", None)
     manifest = artifact.Manifest(
         method=lm.method, params=lm.params.as_dict(), max_len=lm.max_len, dtype=lm.dtype,
         opset=mesa_op.OPSET, vocab_size=a.vocab_size, num_hidden_layers=a.num_hidden_layers,
@@ -104,30 +110,50 @@ def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: li
         inputs=tensor_specs(model.graph.inputs), outputs=tensor_specs(model.graph.outputs),
         source={"model": source_name, "path": str(lm.path), "architecture": cfg.architectures[0],
                 "config_sha256": config_hash(lm.path)},
-        bos_token_id=getattr(cfg, "bos_token_id", None),
-        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        generation=generation_block(lm.path, cfg),
         tokenizer=(lm.path / "tokenizer.json").is_file() or (lm.path / "tokenizer.model").is_file(),
-        passes=passes, target=target, exporter_version=EXPORTER_VERSION,
+        passes=passes, target=target, exporter_version=EXPORTER_VERSION, precision=precision,
+        decode_model=None if decode_graph is None else artifact.DECODE_MODEL_FILE,
     )
     model.metadata_props.update(artifact.graph_metadata(manifest))
+    if decode_graph is not None:
+        decode_graph.metadata_props.update(artifact.graph_metadata(manifest))
     return manifest
+
+
+def generation_block(path: Path, cfg) -> dict:
+    """The manifest's generation defaults: generation_config.json where the checkpoint has one (what
+    transformers' generate() reads), else config.json's eos_token_id."""
+    file = path / "generation_config.json"
+    if file.is_file():
+        try:
+            gen = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise loading.ModelLoadError(f"{file} is not JSON: {e}") from None
+        if "eos_token_id" not in gen:  # transformers falls back to the model config's
+            gen["eos_token_id"] = getattr(cfg, "eos_token_id", None)
+        return artifact.generation_defaults(gen, "generation_config.json")
+    return artifact.generation_defaults({"eos_token_id": getattr(cfg, "eos_token_id", None)}, "config.json")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 
-def save_model(model: ir.Model, directory: Path) -> None:
+def save_model(model: ir.Model, directory: Path, name: str = artifact.MODEL_FILE) -> None:
     """Weights above EXTERNAL_DATA_BYTES go to one external file, streamed tensor by tensor (no
     second in-memory copy, no 2 GB protobuf limit)."""
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = artifact.MODEL_FILE + ".data" if weights > EXTERNAL_DATA_BYTES else None
-    ir.save(model, directory / artifact.MODEL_FILE, external_data=external)
+    external = name + ".data" if weights > EXTERNAL_DATA_BYTES else None
+    ir.save(model, directory / name, external_data=external)
 
 
-def write_engine(directory: Path, model: ir.Model, source: Path) -> None:
-    """Write the model and the source's tokenizer files into `directory` (the manifest comes later)."""
+def write_engine(directory: Path, model: ir.Model, source: Path, decode_graph: ir.Model | None = None) -> None:
+    """Write the model (and the decode graph of int8-int4) and the source's tokenizer files into
+    `directory` (the manifest comes later)."""
     save_model(model, directory)
+    if decode_graph is not None:
+        save_model(decode_graph, directory, artifact.DECODE_MODEL_FILE)
     write_rope_tables(directory, model)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():

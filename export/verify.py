@@ -51,7 +51,9 @@ def engine_run(directory: Path, smoke: Smoke) -> np.ndarray:
     """The same prompt and decode token through the engine as the runtime serves it (the batcher, and
     the in-place decode branch where the graph has one)."""
     step = OrtStep(directory / artifact.MODEL_FILE)
-    decoder = make_decoder(step, smoke.cache_shape, 1, directory, smoke.params, smoke.cache_dtype)
+    decode_graph = directory / artifact.DECODE_MODEL_FILE  # int8-int4: decode steps run their own graph
+    decode_fn = OrtStep(decode_graph) if decode_graph.is_file() else None
+    decoder = make_decoder(step, smoke.cache_shape, 1, directory, smoke.params, smoke.cache_dtype, decode_fn)
     prefill, decode = replay(step, decoder, smoke.ids, smoke.steps, [int(np.argmax(smoke.logits[-2]))])
     return np.concatenate([prefill, decode], axis=0)
 
@@ -62,7 +64,7 @@ def reference_run(lm) -> Smoke:
     n = max(1, min(lm.max_len - 1, lm.params.first_chunk + 4))
     smoke = Smoke(ids=np.random.default_rng(0).integers(0, a.vocab_size, n, dtype=np.int64),
                   steps=mesa.prefill_steps(n, lm.params, lm.method),
-                  cache_shape=CacheShape(a.num_hidden_layers, a.num_key_value_heads, lm.max_len, a.head_dim),
+                  cache_shape=lm.cache_shape,
                   cache_dtype=np.float16 if lm.dtype == "fp16" else np.float32, dtype=lm.dtype,
                   params=mesa.graph_params(lm.params, lm.method, lm.max_len))
     if lm.dtype != "bf16":  # ORT CPU has no bfloat16 kernels: nothing to compare against
@@ -89,18 +91,19 @@ def check_engine(directory: Path, smoke: Smoke) -> str:
 
 def check_quantized(directory: Path, smoke: Smoke) -> str:
     """Verification of quantized engines: onnx.checker, then the engine run against the float reference.
-    int4 weights cannot meet the float bound (on random-weight models they move logits by tens of
-    percent), so this fails only on non-finite logits and reports the distance; scripts/bench_passes.py
+    int8 / int4 weights cannot meet the float bound (on random-weight models they move logits by tens of
+    percent), so this fails only on non-finite logits and reports the distance; scripts/bench_precision.py
     measures the accuracy properly."""
-    model_path = Path(directory) / artifact.MODEL_FILE
-    try:
-        onnx.checker.check_model(str(model_path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise VerificationError(f"onnx.checker: {e}") from None
+    for name in (artifact.MODEL_FILE, artifact.DECODE_MODEL_FILE):
+        if (Path(directory) / name).is_file():
+            try:
+                onnx.checker.check_model(str(Path(directory) / name), full_check=True)
+            except onnx.checker.ValidationError as e:
+                raise VerificationError(f"onnx.checker ({name}): {e}") from None
     ours, ref = engine_run(Path(directory), smoke), smoke.logits
     if not np.isfinite(ours).all():
         raise VerificationError("the quantized engine produces non-finite logits")
     diff = float(np.abs(ours - ref).max())
     agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
-    return (f"onnx.checker ok; int4 engine vs float reference on {len(smoke.ids)} prompt tokens + 1 decode step: "
+    return (f"onnx.checker ok; quantized engine vs float reference on {len(smoke.ids)} prompt tokens + 1 decode step: "
             f"max |dlogit| {diff:.2g}, argmax agreement {agree:.0%}")

@@ -61,7 +61,8 @@ MesaAttentionOp = onnxscript.values.Op(mesa_opset, "MesaAttention", SCHEMA)
 @script(opset=mesa_opset, default_opset=op)
 def MesaCachedKV(k_cache, v_cache, sink_len: INT64, window_start: INT64, write_pos: INT64, layer: int):
     """The cache rows a step sees, as two blocks [B, Hkv, ., d]: sink cache[layer, :, :, 0:a] and window
-    cache[layer, :, :, b:w], for keys and values. The visible keys are sink ++ window ++ new block."""
+    cache[layer, :, :, b:w], for keys and values. The visible keys are sink ++ window ++ new block
+    (runtime.mesa.visible_ranges, sliced here as graph ops)."""
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     lay = op.Reshape(op.Constant(value_int=layer), one)

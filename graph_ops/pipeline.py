@@ -1,7 +1,8 @@
 """The graph passes applied at export, per target backend.
 
-`run_passes(model, target)` rewrites the traced step graph in place and returns the names of the
-passes it applied (the manifest records them). Each pass lives in its own file:
+`run_passes(model, target, precision)` rewrites the traced step graph in place and returns the names
+of the passes it applied (the manifest records them); `export_graphs` also returns the decode graph of
+`--precision int8-int4` (the same lowered float graph, quantized to int4 instead of int8). Each pass lives in its own file:
 
 | pass | file | what it does |
 |---|---|---|
@@ -9,7 +10,8 @@ passes it applied (the manifest records them). Each pass lives in its own file:
 | fuse_step_positions | step_positions.py | one positions/scale/mask subgraph per step for all layers |
 | inline_parts | inline_parts.py | the ai.mesa parts expanded into standard ops |
 | cleanup | cleanup.py | constant folding, CSE, dead nodes, shape inference |
-| quantize_int4 | precision.py | weight-only int4 MatMulNBits (ort-cpu, opt-in) |
+| quantize_int8 | precision.py | per-channel int8 MatMul weights, dynamic activations (ort-cpu, `--precision int8`) |
+| quantize_int4 | precision.py | weight-only int4 MatMulNBits (ort-cpu, `--precision int4`) |
 | check_half_precision | precision.py | GPU targets: warns when the weights are not fp16/bf16 |
 | check_tensorrt_ops | tensorrt_ops.py | fails listing any op the TensorRT 10.15 parser lacks |
 
@@ -35,7 +37,7 @@ from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, precision
 logger = logging.getLogger(__name__)
 
 TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")
-QUANTIZE = ("none", "int4")
+PRECISIONS = precision.PRECISIONS
 # Measured (scripts/bench_passes.py, model M, 8k prompt, 2-core CPU, medians of 3): prefill / decode at 8k
 # gqa 22.3 s / 119 ms, attention 28.6 s / 82 ms, auto 22.2 s / 85 ms (portable: 36.4 s / 102 ms).
 ORT_CPU_KERNEL = "inplace"
@@ -65,9 +67,12 @@ def _fuse(model: ir.Model) -> None:
     step_positions.fuse_step_positions(model)
 
 
-def _quantize(model: ir.Model) -> None:
-    if not precision.quantize_int4(model):
-        raise PassError("quantize_int4 found no MatMul with constant weights")
+def _quantizer(name: str, quantize: Callable[[ir.Model], int]) -> "GraphPass":
+    def run(model: ir.Model) -> None:
+        if not quantize(model):
+            raise PassError(f"{name} found no MatMul with constant weights")
+
+    return GraphPass(name, run)
 
 
 def _check_half(model: ir.Model) -> None:
@@ -79,7 +84,8 @@ def _check_half(model: ir.Model) -> None:
 FUSE = GraphPass("fuse_step_positions", _fuse)
 INLINE = GraphPass("inline_parts", lambda m: inline_parts.inline_parts(m))
 CLEANUP = GraphPass("cleanup", lambda m: cleanup.cleanup(m))
-QUANTIZE_INT4 = GraphPass("quantize_int4", _quantize)
+QUANTIZE = {"int8": _quantizer("quantize_int8", precision.quantize_int8),
+            "int4": _quantizer("quantize_int4", precision.quantize_int4)}
 CHECK_HALF = GraphPass("check_half_precision", _check_half)
 def _check_tensorrt(model: ir.Model) -> None:
     try:
@@ -98,26 +104,43 @@ PIPELINES: dict[str, list[GraphPass]] = {
 }
 
 
-def passes_for(target: str, quantize: str = "none") -> list[GraphPass]:
+def passes_for(target: str, precision_: str = "fp32") -> list[GraphPass]:
+    """The passes of the graph an engine's prefill steps run (and, but for int8-int4, its decode steps)."""
     if target not in PIPELINES:
         raise PassError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if quantize not in QUANTIZE:
-        raise PassError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    if precision_ not in PRECISIONS:
+        raise PassError(f"unknown precision {precision_!r}; choose one of {', '.join(PRECISIONS)}")
     passes = list(PIPELINES[target])
-    if quantize == "int4":
+    if precision_ in precision.QUANTIZED_PRECISIONS:
         if target != "ort-cpu":
-            raise PassError("--quantize int4 (MatMulNBits) is for --target ort-cpu")
-        passes.append(QUANTIZE_INT4)
+            raise PassError(f"--precision {precision_} (onnxruntime.quantization's CPU kernels) is for --target ort-cpu")
+        passes.append(QUANTIZE[precision_.split("-")[0]])
     return passes
 
 
-def run_passes(model: ir.Model, target: str, quantize: str = "none",
-               progress: Callable[[str], None] | None = None) -> list[str]:
-    """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
-    applied = []
-    for p in passes_for(target, quantize):
+def _apply(model: ir.Model, passes: list[GraphPass], progress) -> list[str]:
+    for p in passes:
         if progress is not None:
             progress(p.name)
         p.run(model)
-        applied.append(p.name)
-    return applied
+    return [p.name for p in passes]
+
+
+def run_passes(model: ir.Model, target: str, precision_: str = "fp32",
+               progress: Callable[[str], None] | None = None) -> list[str]:
+    """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
+    return _apply(model, passes_for(target, precision_), progress)
+
+
+def export_graphs(model: ir.Model, target: str, precision_: str = "fp32",
+                  progress: Callable[[str], None] | None = None) -> tuple[list[str], ir.Model | None]:
+    """run_passes, and for int8-int4 the decode graph: the lowered float graph is copied before the int8
+    pass and the copy quantized to int4 (weight traffic is what a decode step costs, MatMul rate what a
+    prefill costs). Returns (the passes of `model`, the decode graph or None)."""
+    if precision_ != "int8-int4":
+        return run_passes(model, target, precision_, progress), None
+    passes = passes_for(target, precision_)
+    names = _apply(model, passes[:-1], progress)
+    decode = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    _apply(decode, [QUANTIZE["int4"]], progress)
+    return names + _apply(model, passes[-1:], progress), decode

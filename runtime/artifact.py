@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime import mesa
+from runtime.kv_cache import CacheShape
 
 MANIFEST = "mesa.json"
 MODEL_FILE = "model.onnx"
+DECODE_MODEL_FILE = "decode.onnx"  # int8-int4 engines: the graph decode steps run (same I/O, int4 weights)
 FORMAT = "mesa-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: structured cache rules, the generation block, no bos_token_id
 
 # The step graph's I/O (DESIGN.md "The step graph"); shapes use these symbolic names.
 STEP_INPUTS = ("input_ids", "k_cache", "v_cache", "sink_len", "window_start", "write_pos", "chunk_width",
@@ -37,6 +39,9 @@ CACHE_LAYOUT = ("layers", "batch", "kv_heads", "max_len", "head_dim")
 DECODE_INPUTS = ("decode_step", "seqlens_k", "total_sequence_length")
 DECODE_CACHE = "past_{}_{}"
 DECODE_PRESENT = "present_{}_{}"
+DECODE_LAYOUT = ("batch", "kv_heads", "max_len", "head_dim")
+
+
 def decode_io(layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(inputs, outputs) an in-place-decode graph has beyond STEP_INPUTS / STEP_OUTPUTS."""
     caches = [(kind, l) for l in range(layers) for kind in ("key", "value")]
@@ -49,7 +54,36 @@ SCHEMA_FILE = Path(__file__).with_name("mesa.schema.json")
 # What decides the graph's logits and how it is driven; the rest (source, tokens, passes) only describes it.
 CONTRACT_FIELDS = ("format_version", "method", "params", "max_len", "dtype", "opset", "vocab_size",
                    "num_hidden_layers", "num_key_value_heads", "head_dim", "largest_distance", "inputs", "outputs",
-                   "cache")
+                   "cache", "precision", "decode_model")
+
+
+def cache_contract(m: "Manifest") -> dict:
+    """The manifest's `cache` block: the cache layout every step reads (pre-RoPE keys), the rule by
+    which a caller writes a step's new rows, and for in-place-decode graphs the per-layer decode
+    caches (keys rotated at their Stair-PE positions) with the names of their inputs and outputs."""
+    names = {t.name if isinstance(t, TensorSpec) else t["name"] for t in m.inputs}
+    decode = None
+    if DECODE_INPUTS[0] in names:
+        decode = {"rule": "in_place", "flag": DECODE_INPUTS[0], "past": DECODE_CACHE.format("{kind}", "{layer}"),
+                  "present": DECODE_PRESENT.format("{kind}", "{layer}"), "layout": list(DECODE_LAYOUT),
+                  "keys": "rotated", "rope_table": ROPE_FILE, "inputs": list(DECODE_INPUTS[1:])}
+    return {"layout": list(CACHE_LAYOUT),
+            "shape": [m.num_hidden_layers, "batch", m.num_key_value_heads, m.max_len, m.head_dim],
+            "keys": "pre_rope",
+            "update": {"rule": "write_rows", "outputs": ["new_keys", "new_values"], "inputs": ["k_cache", "v_cache"],
+                       "axis": "max_len", "offset": "write_pos"},
+            "decode": decode}
+
+
+def generation_defaults(cfg: dict, source: str) -> dict:
+    """The `generation` block from a checkpoint's generation_config.json (or config.json) as a dict:
+    its EOS ids and its sampling settings, with transformers' defaults for what it leaves out."""
+    eos = cfg.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {"eos_token_ids": [int(t) for t in eos], "do_sample": bool(cfg.get("do_sample", False)),
+            "temperature": float(cfg.get("temperature") if cfg.get("temperature") is not None else 1.0),
+            "top_k": int(cfg.get("top_k") if cfg.get("top_k") is not None else 50),
+            "top_p": float(cfg.get("top_p") if cfg.get("top_p") is not None else 1.0), "source": source}
 
 
 class ArtifactError(Exception):
@@ -78,8 +112,7 @@ class Manifest:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     source: dict = field(default_factory=dict)  # model name, path, architecture, config hash
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
+    generation: dict = field(default_factory=lambda: generation_defaults({}, "config.json"))
     tokenizer: bool = False
     passes: list[str] = field(default_factory=list)
     target: str = "portable"
@@ -87,18 +120,22 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     cache: dict = field(default_factory=dict)
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4 | int8-int4 (graph_ops/precision.py)
+    decode_model: str | None = None  # DECODE_MODEL_FILE when decode steps run a graph of their own
 
     def __post_init__(self):
         self.inputs = [t if isinstance(t, TensorSpec) else TensorSpec(**t) for t in self.inputs]
         self.outputs = [t if isinstance(t, TensorSpec) else TensorSpec(**t) for t in self.outputs]
         if not self.cache:
-            self.cache = {
-                "layout": list(CACHE_LAYOUT),
-                "shape": [self.num_hidden_layers, "batch", self.num_key_value_heads, self.max_len, self.head_dim],
-                "keys": "stored before RoPE",
-                "update": "the graph returns new_keys/new_values [layers, batch, kv_heads, q, head_dim]; "
-                          "the caller writes them at [write_pos, write_pos + q) of its cache",
-            }
+            self.cache = cache_contract(self)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.generation["eos_token_ids"]
+
+    @property
+    def cache_shape(self) -> CacheShape:
+        return CacheShape(self.num_hidden_layers, self.num_key_value_heads, self.max_len, self.head_dim)
 
     @property
     def mesa_params(self) -> mesa.MesaParams:
@@ -202,6 +239,7 @@ def load_manifest(directory: str | Path) -> Manifest:
         manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, RecursionError, ArtifactError) as e:
         raise ArtifactError(f"{path} is unreadable: {e}") from None
-    if not (directory / MODEL_FILE).is_file():
-        raise ArtifactError(f"{directory} is incomplete: {MODEL_FILE} is missing")
+    for name in (MODEL_FILE, manifest.decode_model):
+        if name is not None and not (directory / name).is_file():
+            raise ArtifactError(f"{directory} is incomplete: {name} is missing")
     return manifest

@@ -32,6 +32,7 @@ INSTALL = {"ort-cuda": "pip install 'mesa-engine[cuda]' (onnxruntime-gpu, CUDA 1
            "tensorrt": "pip install 'mesa-engine[cuda,tensorrt]' (onnxruntime-gpu and TensorRT 10 libraries)"}
 CACHE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TRT_CACHE_DIR = "trt_cache"  # inside the engine directory: TensorRT engines built on first load
+TRT_CALIBRATION_TABLE = "calibration.flatbuffers"  # in TRT_CACHE_DIR, written by calibration/tensorrt.py
 
 
 def _scalars(step: mesa.Step, logits_to_keep: int) -> dict[str, np.ndarray]:
@@ -64,6 +65,9 @@ class OrtStep:
         self.layers = sum(n.startswith("past_key_") for n in names)
         self.decode_cache = None  # the DecodeCache of an inplace engine, set by its owner
         self._idle_cache = None  # prefills without a decode cache (export's verify): zeros, never touched
+        self.taps: tuple[str, ...] = ()  # extra graph outputs to fetch every call (calibration/data.py)
+        self.tapped: dict[str, np.ndarray] = {}  # the taps of the last call
+        self._unread: dict = {}  # batch -> decode calls' placeholder k_cache / v_cache
         self._bound: dict = {}  # (lo, hi) -> (the cache, the per-layer OrtValues over those rows)
 
     def new_cache(self, shape: CacheShape, dtype=np.float32) -> KVCache:
@@ -72,25 +76,36 @@ class OrtStep:
     def __call__(self, input_ids: np.ndarray, step: mesa.Step, logits_to_keep: int, cache: KVCache):
         feeds = {"input_ids": input_ids, "k_cache": cache.k, "v_cache": cache.v, **_scalars(step, logits_to_keep)}
         if not self.inplace:
-            logits, new_k, new_v = self.session.run(None, feeds)
+            logits, new_k, new_v, *taps = self.session.run(["logits", "new_keys", "new_values", *self.taps], feeds)
+            self.tapped = dict(zip(self.taps, taps))
             return logits, new_k, new_v
         feeds.update(decode_step=np.array(False), seqlens_k=np.zeros(input_ids.shape[0], np.int32),
                      total_sequence_length=np.array(1, np.int32))
         return self._run(feeds, 0, input_ids.shape[0])
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Decode every row of the decode cache, row r consuming tokens[r] at positions[r] (its cached
-        key count); returns logits [slots, vocab]. The kernel appends each row's new key and value in
-        place; rows keep their own positions, anchor and log-n factor. The decode cache is also bound
-        as k_cache/v_cache, which the decode branch does not read: the graph's batch size comes from it."""
-        B, cache = len(tokens), self.decode_cache
-        feeds = {"input_ids": np.asarray(tokens, np.int64).reshape(B, 1), "k_cache": cache.k, "v_cache": cache.v,
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Decode rows first_row .. first_row + B of the decode cache, row r consuming tokens[r] at
+        positions[r] (its cached key count); returns logits [B, vocab]. The kernel appends each row's new
+        key and value in place; rows keep their own positions, anchor and log-n factor. Only the rows
+        asked for are computed: a step costs what its batch costs, not what the engine's slot count does."""
+        B = len(tokens)
+        feeds = {"input_ids": np.asarray(tokens, np.int64).reshape(B, 1), **self._unread_caches(B),
                  "sink_len": np.array(0), "window_start": np.array(0), "write_pos": np.array(0),
                  "chunk_width": np.array(1), "logits_to_keep": np.array(1), "decode_step": np.array(True),
                  "seqlens_k": np.asarray(positions, np.int32),
                  "total_sequence_length": np.array(int(np.max(positions)) + 1, np.int32)}
-        logits, _, _ = self._run(feeds, 0, B)
+        logits, _, _ = self._run(feeds, first_row, first_row + B)
         return logits[:, -1]
+
+    def _unread_caches(self, batch: int) -> dict:
+        """k_cache / v_cache for a decode call: the decode branch reads neither, but the graph takes its
+        batch size from them. Zeros from calloc: their pages are never touched, so they cost no memory."""
+        if batch not in self._unread:
+            arg = next(a for a in self.session.get_inputs() if a.name == "k_cache")
+            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
+            zeros = np.zeros((arg.shape[0], batch, *arg.shape[2:]), dtype=dtype)
+            self._unread[batch] = {"k_cache": zeros, "v_cache": zeros}
+        return self._unread[batch]
 
     def _idle(self):
         if self._idle_cache is None:
@@ -117,13 +132,15 @@ class OrtStep:
         b = self.session.io_binding()
         for name, value in feeds.items():
             b.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in ("logits", "new_keys", "new_values"):
+        for name in ("logits", "new_keys", "new_values", *self.taps):
             b.bind_output(name, "cpu")
         for name, present, rows in self._cache_values(cache, lo, hi):
             b.bind_ortvalue_input(name, rows)
             b.bind_ortvalue_output(present, rows)
         self.session.run_with_iobinding(b)
-        logits, new_k, new_v = (o.numpy() for o in b.get_outputs()[:3])
+        outputs = b.get_outputs()  # in the order bound
+        logits, new_k, new_v = (o.numpy() for o in outputs[:3])
+        self.tapped = {name: o.numpy() for name, o in zip(self.taps, outputs[3:3 + len(self.taps)])}
         return logits, new_k, new_v
 
 
@@ -234,7 +251,16 @@ def provider_chain(backend: str, directory: Path, cache: CacheShape, max_len: in
         "trt_profile_min_shapes": f"input_ids:1x1,{fixed}",
         "trt_profile_opt_shapes": f"input_ids:1x1,{fixed}",
         "trt_profile_max_shapes": f"input_ids:1x{max_len},{fixed}",
+        **_int8_options(directory),
     })] + cuda
+
+
+def _int8_options(directory: Path) -> dict:
+    """INT8 for TensorRT when calibration/tensorrt.py has written a calibration table for this engine."""
+    if not (directory / TRT_CACHE_DIR / TRT_CALIBRATION_TABLE).is_file():
+        return {}
+    return {"trt_int8_enable": True, "trt_int8_calibration_table_name": TRT_CALIBRATION_TABLE,
+            "trt_int8_use_native_calibration_table": False}
 
 
 # The backends an engine of each export target (manifest.target) runs on, in the order `auto` tries them:
@@ -318,7 +344,7 @@ def open_backend(requested: str, directory: Path, model_path: Path, cache: Cache
     """
     if dtype not in CACHE_DTYPES:
         raise BackendError(f"{dtype} engines cannot be served by this runtime (numpy has no bfloat16 and ONNX "
-                           f"Runtime CPU no bfloat16 kernels); export with --dtype fp32 or fp16")
+                           f"Runtime CPU no bfloat16 kernels); export with --precision fp32 or fp16")
     wanted = pick_backend(requested, target)
     providers = provider_chain(wanted, directory, cache, max_len, dtype)
     try:

@@ -5,8 +5,11 @@
 | InplaceDecoder | `inplace` kernel (ort-cpu target) | one pre-RoPE buffer, then rotated into the decode cache | one call over a range of decode-cache rows |
 | RowDecoder | every other graph (portable, ort-cuda, tensorrt) | the sequence's own pre-RoPE slot | B calls, one per row (runtime.scheduler) |
 
-Cache memory: InplaceDecoder holds slots x (K + V) of the decode cache plus one prefill buffer (prefills
-run one at a time); RowDecoder holds slots x (K + V). Both report it as `nbytes`.
+Cache memory: InplaceDecoder holds slots x (K + V) of the decode cache plus `slots` pre-RoPE prefill
+buffers (several prompts can be part-way through their prefill: the batcher runs the shortest first);
+the buffers are anonymous memory maps, so a buffer costs memory only for the prompt tokens written into
+it, and those pages go back to the system layer by layer as the keys move into the decode cache.
+RowDecoder holds slots x (K + V). Both report the address space as `nbytes`.
 """
 
 from __future__ import annotations
@@ -22,50 +25,69 @@ from runtime.kv_cache import CacheShape
 
 
 def make_decoder(step_fn, shape: CacheShape, slots: int, directory: Path, params: mesa.MesaParams,
-                 dtype=np.float32):
-    """The decoder an engine's graph calls for: in-place when it has the decode inputs."""
+                 dtype=np.float32, decode_fn=None):
+    """The decoder an engine's graph calls for: in-place when it has the decode inputs. `decode_fn` runs
+    the decode steps when they have a graph of their own (int8-int4 engines); prefill runs `step_fn`."""
     if getattr(step_fn, "inplace", False):
-        return InplaceDecoder(step_fn, shape, slots, np.load(Path(directory) / ROPE_FILE), params, dtype)
-    return RowDecoder(step_fn, shape, slots, dtype)
+        return InplaceDecoder(step_fn, shape, slots, np.load(Path(directory) / ROPE_FILE), params, dtype, decode_fn)
+    return RowDecoder(step_fn, shape, slots, dtype, decode_fn)
 
 
 class InplaceDecoder:
     def __init__(self, step_fn, shape: CacheShape, slots: int, rope: np.ndarray, params: mesa.MesaParams,
-                 dtype=np.float32):
+                 dtype=np.float32, decode_fn=None):
         self.step_fn, self.slots, self.cache_max_len = step_fn, slots, shape.max_len
+        self.decode_fn = decode_fn or step_fn
         self.cache = DecodeCache(shape.layers, slots, shape.kv_heads, shape.max_len, shape.head_dim, rope, params,
                                  dtype)
-        self.prefill = step_fn.new_cache(shape, dtype)
-        step_fn.decode_cache = self.cache
-        self.prefill_needs_slot = False  # prefills share one buffer; a slot is needed only to decode
+        self.prefills = [step_fn.new_cache(shape, dtype) for _ in range(slots)]
+        self._free_buffers = list(range(slots))
+        self._buffer: dict = {}  # work -> index of the prefill buffer it writes
+        step_fn.decode_cache = self.decode_fn.decode_cache = self.cache
+        self.prefill_needs_slot = False  # prefills write their own buffer; a slot is needed only to decode
         self.rotations = 0  # anchor jumps re-rotated so far (all slots)
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes + self.prefill.k.nbytes + self.prefill.v.nbytes
+        return self.cache.nbytes + sum(b.k.nbytes + b.v.nbytes for b in self.prefills)
+
+    def can_prefill(self, work) -> bool:
+        return work in self._buffer or bool(self._free_buffers)
 
     def prefill_cache(self, work):
-        return self.prefill
+        if work not in self._buffer:
+            self._buffer[work] = self._free_buffers.pop(0)
+        return self.prefills[self._buffer[work]]
 
     def finish_prefill(self, work) -> None:
-        self.cache.load(work.slot, self.prefill.k[:, 0], self.prefill.v[:, 0], work.length, work.chunk_width,
-                        self.prefill.release_layer)
+        buffer = self.prefills[self._buffer[work]]
+        self.cache.load(work.slot, buffer.k[:, 0], buffer.v[:, 0], work.length, work.chunk_width,
+                        buffer.release_layer)
+        self._free_buffers.append(self._buffer.pop(work))
+
+    def drop(self, work) -> None:
+        """A sequence that ends before its prefill finished: its buffer's pages go back, the buffer is free."""
+        if work in self._buffer:
+            buffer = self.prefills[self._buffer[work]]
+            for layer in range(buffer.shape.layers):
+                buffer.release_layer(layer)
+            self._free_buffers.append(self._buffer.pop(work))
 
     def decode(self, batch) -> np.ndarray:
-        """One call over every slot: the traced graph takes its batch size from the cache input, so the
-        decode cache itself is bound there. Rows that are not stepping (free, or paused) write a throw-away
-        row at their own next position, which their next real step overwrites; their logits are dropped.
-        Decode reads each row's weights once per call, so idle rows cost little (their attention covers
-        only their own cached keys: none for a free slot)."""
-        tokens = np.zeros(self.slots, dtype=np.int64)
-        positions = self.cache.length.copy()
+        """One call over the rows from the lowest to the highest stepping slot (the batcher hands out the
+        lowest free slot, so these stay packed). Rows inside that range that are not stepping (free, or
+        paused) write a throw-away row at their own next position, which their next real step
+        overwrites; their logits are dropped."""
+        lo, hi = min(w.slot for w in batch), max(w.slot for w in batch) + 1
+        tokens = np.zeros(hi - lo, dtype=np.int64)
+        positions = self.cache.length[lo:hi].copy()
         for w in batch:
             self.rotations += self.cache.prepare(w.slot)
-            tokens[w.slot] = w.pending
-        logits = self.step_fn.decode(tokens, positions)
+            tokens[w.slot - lo] = w.pending
+        logits = self.decode_fn.decode(tokens, positions, lo)
         for w in batch:
             self.cache.advance(w.slot)
-        return logits[[w.slot for w in batch]]
+        return logits[[w.slot - lo for w in batch]]
 
     def free(self, work) -> None:
         self.cache.free(work.slot)
@@ -74,8 +96,9 @@ class InplaceDecoder:
 class RowDecoder:
     """Engines without in-place decode: each slot is a whole pre-RoPE cache and rows step one by one."""
 
-    def __init__(self, step_fn, shape: CacheShape, slots: int, dtype=np.float32):
+    def __init__(self, step_fn, shape: CacheShape, slots: int, dtype=np.float32, decode_fn=None):
         self.step_fn, self.slots, self.cache_max_len = step_fn, slots, shape.max_len
+        self.decode_fn = decode_fn or step_fn
         self.caches = [step_fn.new_cache(shape, dtype) for _ in range(slots)]
         self.prefill_needs_slot = True
 
@@ -83,14 +106,20 @@ class RowDecoder:
     def nbytes(self) -> int:
         return sum(c.k.nbytes + c.v.nbytes for c in self.caches if hasattr(c.k, "nbytes"))
 
+    def can_prefill(self, work) -> bool:
+        return True  # a prefill writes its sequence's own slot
+
     def prefill_cache(self, work):
         return self.caches[work.slot]
 
     def finish_prefill(self, work) -> None:
         pass
 
+    def drop(self, work) -> None:
+        pass
+
     def decode(self, batch) -> np.ndarray:
-        return np.stack([scheduler.decode(self.step_fn, w.pending, scheduler.Sequence(w.length, w.chunk_width),
+        return np.stack([scheduler.decode(self.decode_fn, w.pending, scheduler.Sequence(w.length, w.chunk_width),
                                           self.caches[w.slot]) for w in batch])
 
     def free(self, work) -> None:

@@ -8,7 +8,9 @@ Each iteration (vLLM's scheduler, reduced to what a Mesa engine needs):
    long prompt arriving does not freeze the others' decode for its whole prefill. A middle chunk
    [s, s + W) splits exactly into sub-steps (sink F, window [s, done), plain positions since F + W < T);
    a first chunk (<= F tokens) and a last chunk (its stair positions depend on the call's whole length)
-   run whole.
+   run whole. Among the queued prompts, the one with the fewest prefill tokens left goes first (a short
+   prompt does not wait behind a long one's whole prefill), aged so that a prompt which has waited
+   t seconds counts AGING_TOKENS_PER_S * t tokens shorter (a long prompt is not starved).
 
 A finished or cancelled sequence frees its KV slot at once. Everything that touches the ONNX Runtime
 session runs on the batcher's thread; callers wait on their sequence (runtime.sequence.Sequence).
@@ -28,6 +30,7 @@ import numpy as np
 from runtime import mesa, scheduler
 
 DEFAULT_TOKEN_BUDGET = 512
+AGING_TOKENS_PER_S = 512.0  # about the prefill rate of a 1B-class model on a few cores
 
 
 def split_step(step: mesa.Step, budget: int) -> list[mesa.Step]:
@@ -67,13 +70,18 @@ class Work:
     done: bool = False
     prefill_seconds: float = 0.0
     decode_seconds: list = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+
+    def prefill_priority(self, now: float) -> float:
+        """Lower goes first: prefill tokens left, less AGING_TOKENS_PER_S per second waited."""
+        return sum(s.q for s in self.steps) - AGING_TOKENS_PER_S * (now - self.submitted)
 
 
 class Batcher:
     """`submit(work)`; `resume(work, token)` for stepwise callers; `cancel(work)`; `close()`.
 
-    `decoder` owns the caches (runtime/batch_decoder.py): `slots`, `prefill_needs_slot`, prefill_cache(work),
-    finish_prefill(work), decode(works) -> logits [B, vocab], free(work).
+    `decoder` owns the caches (runtime/batch_decoder.py): `slots`, `prefill_needs_slot`, can_prefill(work),
+    prefill_cache(work), finish_prefill(work), decode(works) -> logits [B, vocab], free(work), drop(work).
     """
 
     def __init__(self, step_fn, decoder, token_budget: int = DEFAULT_TOKEN_BUDGET):
@@ -81,7 +89,7 @@ class Batcher:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         self.step_fn, self.decoder, self.token_budget = step_fn, decoder, token_budget
         self.cond = threading.Condition()
-        self.waiting: deque[Work] = deque()  # prefill queue, first come first served
+        self.waiting: deque[Work] = deque()  # prompts still prefilling, in arrival order
         self.running: list[Work] = []  # prefilled, holding a slot
         self.free_slots = list(range(decoder.slots))
         self.closed = False
@@ -146,10 +154,15 @@ class Batcher:
             self.iterations += 1
 
     def _has_work(self) -> bool:
-        if any(w.pending is not None for w in self.running):
-            return True
-        head = self.waiting[0] if self.waiting else None
-        return head is not None and (head.slot is not None or not self._needs_slot(head) or bool(self.free_slots))
+        return any(w.pending is not None for w in self.running) or self._next_prefill() is not None
+
+    def _next_prefill(self) -> Work | None:
+        """The queued prompt to advance now (under the lock): the lowest prefill_priority among those that
+        have, or can get, a slot (when they will decode) and a prefill buffer."""
+        ready = [w for w in self.waiting if (w.slot is not None or not self._needs_slot(w) or self.free_slots)
+                 and self.decoder.can_prefill(w)]
+        now = time.monotonic()
+        return min(ready, key=lambda w: w.prefill_priority(now)) if ready else None
 
     def _needs_slot(self, w: Work) -> bool:
         return w.decode or self.decoder.prefill_needs_slot
@@ -173,16 +186,14 @@ class Batcher:
                 self._deliver(w, logits[i])
 
     def _prefill(self) -> None:
-        """Advance the head of the queue by up to token_budget tokens (several prompts if they are short)."""
+        """Advance queued prompts by up to token_budget tokens (several prompts if they are short)."""
         budget = self.token_budget
         while budget > 0:
             with self.cond:
-                if not self.waiting:
+                w = self._next_prefill()
+                if w is None:
                     return
-                w = self.waiting[0]
                 if w.slot is None and self._needs_slot(w):
-                    if not self.free_slots:
-                        return
                     w.slot = self.free_slots.pop(0)  # lowest first: decoding rows stay in a short range
                 step = w.steps.popleft()
                 w.busy = True
@@ -203,6 +214,8 @@ class Batcher:
                     if w.decode:
                         self.decoder.finish_prefill(w)
                         self.running.append(w)
+                    else:  # scored only: its buffer is free again
+                        self.decoder.drop(w)
                     self._deliver(w, logits[-1])
 
     def _prefill_step(self, w: Work, step: mesa.Step) -> None:
@@ -235,6 +248,7 @@ class Batcher:
             self.running.remove(w)
         if w in self.waiting:
             self.waiting.remove(w)
+            self.decoder.drop(w)
         if w.slot is not None:
             self.decoder.free(w)
             self.free_slots.append(w.slot)

@@ -36,7 +36,6 @@ from runtime.artifact import (DECODE_INPUTS, MANIFEST, MODEL_FILE, ROPE_FILE, ST
 from runtime.batch_decoder import InplaceDecoder, make_decoder
 from runtime.batcher import DEFAULT_TOKEN_BUDGET, Batcher
 from runtime.errors import BackendError, EngineError, LoadError, RequestError
-from runtime.kv_cache import CacheShape
 from runtime.sampling import Sampling
 from runtime.sequence import Sequence as StepSequence
 from runtime.sequence import TokenStream
@@ -74,19 +73,20 @@ class _Request:
 
 class MesaEngine:
     def __init__(self, directory: Path, manifest: Manifest, backend: str, step_fn, slots: int, tokenizer,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, decode_fn=None):
         self.directory, self.manifest, self.backend, self.tokenizer = directory, manifest, backend, tokenizer
         self.params = manifest.mesa_params
         self._step = step_fn
-        shape, dtype = cache_shape(manifest), backends.CACHE_DTYPES[manifest.dtype]
+        shape, dtype = manifest.cache_shape, backends.CACHE_DTYPES[manifest.dtype]
         inplace = getattr(step_fn, "inplace", False)
+        # slots decode rows + one prompt being prefilled (prefill buffers cost only the tokens written into them)
         need = (slots + inplace) * 2 * math.prod(shape.full()) * np.dtype(dtype).itemsize
         if backend == "ort-cpu" and need > _host_memory():  # refuse now rather than allocate until the OOM killer
             raise RequestError(f"slots={slots}: {slots} KV-cache slots need {need / 2**30:.1f} GiB, more than this "
                                f"machine's {_host_memory() / 2**30:.1f} GiB")
         try:
             steps_params = mesa.graph_params(self.params, manifest.method, manifest.max_len)
-            self._decoder = make_decoder(step_fn, shape, slots, directory, steps_params, dtype)
+            self._decoder = make_decoder(step_fn, shape, slots, directory, steps_params, dtype, decode_fn)
         except MemoryError:
             raise RequestError(f"slots={slots}: not enough memory for {slots} KV-cache slots of "
                                f"{need / slots / 2**30:.2f} GiB") from None
@@ -112,12 +112,19 @@ class MesaEngine:
         except ArtifactError as e:
             raise LoadError(str(e)) from None
         options = backends.session_options(session_options)
-        name, step_fn = backends.open_backend(backend, directory, directory / MODEL_FILE, cache_shape(manifest),
+        name, step_fn = backends.open_backend(backend, directory, directory / MODEL_FILE, manifest.cache_shape,
                                               manifest.max_len, manifest.dtype, options, manifest.target)
         check_graph(step_fn.session, manifest, directory)
+        decode_fn = None
+        if manifest.decode_model is not None:  # int8-int4: decode steps run a graph of their own
+            _, decode_fn = backends.open_backend(name, directory, directory / manifest.decode_model,
+                                                 manifest.cache_shape, manifest.max_len, manifest.dtype, options,
+                                                 manifest.target)
+            check_graph(decode_fn.session, manifest, directory, manifest.decode_model)
         if getattr(step_fn, "inplace", False) and not (directory / ROPE_FILE).is_file():
             raise LoadError(f"{directory} is incomplete: {ROPE_FILE} is missing; re-export the engine")
-        return cls(directory, manifest, name, step_fn, int(slots), load_tokenizer(directory), int(token_budget))
+        return cls(directory, manifest, name, step_fn, int(slots), load_tokenizer(directory), int(token_budget),
+                   decode_fn)
 
     def close(self) -> None:
         """Stop the batcher; requests still running end with an EngineError."""
@@ -322,20 +329,16 @@ def _check_progress(progress) -> None:
         raise RequestError(f"progress must be a callable(done, total) or None, got {progress!r}")
 
 
-def cache_shape(m: Manifest) -> CacheShape:
-    return CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim)
-
-
 def _same_dims(a: list, b: list) -> bool:
     """Shapes agree where both name a fixed size (symbolic dims match anything)."""
     return len(a) == len(b) and all(x == y for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int))
 
 
-def check_graph(session, m: Manifest, directory: Path) -> None:
+def check_graph(session, m: Manifest, directory: Path, graph_file: str = MODEL_FILE) -> None:
     """The manifest must describe the graph beside it: same I/O, dtypes, cache layout and vocabulary, and
     the method, parameters and contract hash the exporter wrote into the graph's metadata."""
     def mismatch(detail: str) -> LoadError:
-        return LoadError(f"{directory}: {MANIFEST} does not describe {MODEL_FILE} ({detail}); re-export the engine")
+        return LoadError(f"{directory}: {MANIFEST} does not describe {graph_file} ({detail}); re-export the engine")
 
     graph = {a.name: a for a in session.get_inputs() + session.get_outputs()}
     specs = {t.name: t for t in m.inputs + m.outputs}

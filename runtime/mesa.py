@@ -67,6 +67,89 @@ class MesaParams:
         return {k: int(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
+# ------------------------------------------------------------------------- presets, default rule
+
+_PUBLISHED = "published code (github.com/soacker/Mesa-Extrapolation @84a9189)"
+# The published `PositionSet` class defaults, i.e. the paper's general setting; they go with its T = 2048.
+GENERAL = {"first_chunk": 100, "first_chunk_cache": 100, "last_context": 512, "reserve_tokens": 50, "push_width": 50}
+GENERAL_T = 2048
+
+
+@dataclass(frozen=True)
+class Preset:
+    params: dict  # MesaParams field -> value; chunk_width left out means W0 = T
+    source: str  # where the numbers come from
+
+
+def _general(T: int, why: str) -> Preset:
+    return Preset({"train_length": T, **GENERAL}, (
+        f"no published setting for this model: the paper's general setting (F=Fc=100, C=512, G=50, pw=50, "
+        f"the published PositionSet defaults) with T={T} = {why}; W0 = T"))
+
+
+# Keyed by the exporter's model aliases (export/loading.py ALIASES).
+PRESETS: dict[str, Preset] = {
+    "llama2-7b": Preset({"train_length": 2048, **GENERAL}, (
+        f"{_PUBLISHED}: the experiment script runs Llama-2 with T=2048 although Llama-2 is trained at 4096; "
+        "its utils.get_model has no branch for the base model, so the PositionSet defaults apply "
+        "(F=Fc=100, C=512, G=50, pw=50); W0 = T = 2048 as the script sets it for llama2-7b-chat and vicuna "
+        "(the class default W would be 1800; MESA_SPEC section 11 fixes W0 = T)")),
+    "llama2-7b-chat": Preset({
+        "train_length": 2048, "first_chunk": 100, "first_chunk_cache": 100, "last_context": 800,
+        "reserve_tokens": 50, "push_width": 20}, (
+        f"{_PUBLISHED}: utils.get_model's 'llama2-7b-chat' branch sets train_length=2048 (Llama-2 is trained "
+        "at 4096; the script uses 2048), context_window_length=2048 (W0 = T), last_context=800, push_width=20; "
+        "F=Fc=100 and G=50 are the PositionSet defaults")),
+    "vicuna-7b": Preset({
+        "train_length": 2048, "first_chunk": 100, "first_chunk_cache": 100, "last_context": 1024,
+        "reserve_tokens": 50, "push_width": 200}, (
+        f"{_PUBLISHED}: utils.get_model's 'vicuna' branch sets train_length=2048 (vicuna-7b-v1.5 is Llama-2 "
+        "based, trained at 4096; the script uses 2048), context_window_length=2048 (W0 = T), last_context=1024, "
+        "push_width=200; F=Fc=100 and G=50 are the PositionSet defaults")),
+    "tinyllama-1.1b": _general(2048, "TinyLlama's pre-training sequence length (config max_position_embeddings=2048)"),
+    "llama3-8b": _general(8192, "Llama 3's pre-training sequence length (config max_position_embeddings=8192)"),
+    "mistral-7b": _general(
+        8192, "the training context length in the Mistral 7B paper (arXiv 2310.06825, Table 1: context_len "
+        "8192, window 4096); its config's max_position_embeddings=32768 is not a trained length"),
+    "qwen2-7b": _general(
+        32768, "the context Qwen2 was pre-trained up to (Qwen2 technical report, arXiv 2407.10671: extended "
+        "from 4096 to 32768 at the end of pre-training); longer serving lengths in its config rely on YaRN"),
+}
+
+
+def default_params(max_position_embeddings: int, preset: dict | None = None,
+                   overrides: dict | None = None) -> MesaParams:
+    """The Mesa parameters for an export: per field, `overrides` (None values ignored) beat the
+    preset, which beats this rule, derived from T alone:
+
+        T  = overrides' or the preset's train_length, else the config's max_position_embeddings
+        s  = min(1, T / 2048)
+        F  = Fc = max(1, round(100 s))   C = round(512 s)   G = round(50 s)   pw = max(1, round(50 s))
+        W0 = T
+
+    That is the paper's general setting (the published PositionSet defaults, which go with T = 2048) for
+    every T >= 2048 — the same numbers the presets without a published setting use — and the same setting
+    shrunk in proportion for smaller T (tiny test models), where F = Fc = 100 would not fit. DynamicSplit
+    then always works: W <= T - F - Fc, so W + F < T as long as Fc >= 1 and F + Fc < T, which is checked.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(MesaParams.__dataclass_fields__))
+    if unknown:
+        raise MesaParamError(f"unknown Mesa parameter(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(MesaParams.__dataclass_fields__)}")
+    preset = preset or {}
+    T = int(given.get("train_length", preset.get("train_length", max_position_embeddings)))
+    s = min(1.0, T / GENERAL_T)
+    rule = {"train_length": T, "first_chunk": max(1, round(100 * s)), "first_chunk_cache": max(1, round(100 * s)),
+            "last_context": round(512 * s), "reserve_tokens": round(50 * s), "push_width": max(1, round(50 * s)),
+            "chunk_width": 0}
+    p = MesaParams(**{k: int(v) for k, v in {**rule, **preset, **given}.items()})
+    if p.first_chunk + p.first_chunk_cache >= p.train_length:  # DynamicSplit's D = T - F - Fc must be > 0
+        raise MesaParamError(f"first_chunk F={p.first_chunk} + first_chunk_cache Fc={p.first_chunk_cache} "
+                             f"must stay below train_length T={p.train_length}")
+    return p
+
+
 def origin_params(max_len: int) -> MesaParams:
     """Plain RoPE as a special case of the formulas: with T = max_len + 1 no call ever has S > T
     (positions are the identity) and ln(i+1) < ln T for every query, so the log-n factor is exactly 1."""
@@ -132,9 +215,28 @@ class Step:
     def kv_len(self) -> int:  # m = S of the call
         return self.sink_len + (self.write_pos - self.window_start) + self.q
 
+    @property
+    def visible_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The visibility rule of a call, as absolute key index ranges [lo, hi): the sink cache[0:a], the
+        window cache[b:w] and the q new keys [w, w + q). Cached keys are seen by every query; new key j
+        by new query i iff j <= i (causal). The ONNX parts (graph_ops/mesa_op.py) slice the same ranges."""
+        return visible_ranges(self.sink_len, self.window_start, self.write_pos, self.q)
+
+    @property
+    def attention_pairs(self) -> int:
+        """(query, key) pairs this call's queries see: each sees a + (w - b) cached keys plus the new
+        keys up to itself."""
+        cached = self.sink_len + self.write_pos - self.window_start
+        return self.q * cached + self.q * (self.q + 1) // 2
+
     def scalars(self) -> dict[str, int]:
         return {"sink_len": self.sink_len, "window_start": self.window_start,
                 "write_pos": self.write_pos, "chunk_width": self.chunk_width}
+
+
+def visible_ranges(sink_len: int, window_start: int, write_pos: int, q: int) -> tuple[tuple[int, int], ...]:
+    """The key index ranges [lo, hi) a call with scalars a, b, w and q new tokens sees, in order."""
+    return ((0, sink_len), (window_start, write_pos), (write_pos, write_pos + q))
 
 
 def prefill_steps(prompt_len: int, p: MesaParams, method: Method = "mesa") -> list[Step]:
@@ -196,6 +298,30 @@ def logn_scale(query_index: np.ndarray | int, train_length: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ §11, manifest
 
+def chunk_widths(max_len: int, p: MesaParams) -> tuple[dict[int, int], list[tuple[int, str]]]:
+    """One pass over every prompt length 1..max_len: (each chunk width W DynamicSplit gives, mapped to
+    the shortest prompt that runs with it; the (length, reason) of every prompt it refuses)."""
+    first_len: dict[int, int] = {}
+    refused: list[tuple[int, str]] = []
+    for L in range(1, max_len + 1):
+        try:
+            first_len.setdefault(dynamic_split(L, p), L)
+        except MesaParamError as e:
+            refused.append((L, str(e)))
+    return first_len, refused
+
+
+def check_every_length(max_len: int, p: MesaParams) -> None:
+    """An engine must have a plan for every prompt it may receive: MesaParamError naming the first
+    prompt length these parameters leave without one."""
+    if max_len < p.first_chunk:
+        raise MesaParamError(f"max_len {max_len} is smaller than the first chunk F={p.first_chunk}")
+    _, refused = chunk_widths(max_len, p)
+    if refused:
+        L, why = refused[0]
+        raise MesaParamError(f"Mesa parameters {p.as_dict()} fail for a prompt of {L} tokens: {why}")
+
+
 def largest_distance(max_len: int, p: MesaParams, method: Method = "mesa") -> int:
     """The largest relative distance any step of any request up to max_len tokens uses.
 
@@ -205,13 +331,7 @@ def largest_distance(max_len: int, p: MesaParams, method: Method = "mesa") -> in
     if method == "origin":
         return max_len - 1
     S = np.arange(1, max_len + 1, dtype=np.int64)
-    first_len_for_w: dict[int, int] = {}
-    for L in range(1, max_len + 1):
-        try:
-            W = dynamic_split(L, p)
-        except MesaParamError:
-            continue  # such prompts are refused at request time
-        first_len_for_w.setdefault(W, L)
+    first_len_for_w, _ = chunk_widths(max_len, p)  # refused prompts never run, so they add no distance
     best = 0
     for W, L in first_len_for_w.items():
         best = max(best, int(max_distance(S[L - 1:], W, p.train_length, p.push_width).max()))
@@ -229,7 +349,8 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, p: MesaPar
 
 
 __all__ = [
-    "METHODS", "MesaParamError", "MesaParams", "SPLIT_REMAINDER_LIMIT", "Step",
-    "check_request", "decode_step", "dynamic_split", "graph_params", "key_positions", "largest_distance", "logn_scale",
+    "GENERAL", "GENERAL_T", "METHODS", "MesaParamError", "MesaParams", "PRESETS", "Preset", "SPLIT_REMAINDER_LIMIT",
+    "Step", "check_every_length", "check_request", "chunk_widths", "decode_step", "default_params", "dynamic_split", "graph_params", "key_positions", "largest_distance", "logn_scale",
+    "visible_ranges",
     "max_distance", "origin_params", "prefill_steps",
 ]

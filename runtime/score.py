@@ -14,15 +14,23 @@ import sys
 from runtime.generate import PrefillBar, fail, interruptible, read_ids, read_text
 
 
+def token_nll(logits, ids):
+    """Negative log-likelihood of ids[1:], row i of logits [>= len(ids) - 1, vocab] predicting ids[i + 1]
+    (float64): the one NLL of the project (scripts/perplexity.py windows it)."""
+    import numpy as np
+
+    ids = np.asarray(ids)
+    x = logits[: len(ids) - 1].astype(np.float64)
+    top = x.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
+    return log_z - x[np.arange(len(x)), ids[1:]]
+
+
 def perplexity(logits, ids) -> float:
     """exp of the mean negative log-likelihood of tokens 1..L-1, each scored by the row before it."""
     import numpy as np
 
-    ids = np.asarray(ids)
-    x = logits[:-1].astype(np.float64)
-    top = x.max(axis=1)
-    log_z = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-    return float(np.exp(np.mean(log_z - x[np.arange(len(x)), ids[1:]])))
+    return float(np.exp(np.mean(token_nll(logits, ids))))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -167,6 +167,15 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def sampling_defaults(generation: dict) -> dict:
+    """What a request that leaves temperature / top_p / top_k out gets: the checkpoint's own settings
+    when its generation_config.json samples (as vLLM does), else OpenAI's defaults (temperature 1, no
+    top-p or top-k cut)."""
+    if generation["do_sample"]:
+        return {k: generation[k] for k in ("temperature", "top_p", "top_k")}
+    return {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
 class Service:
     """Everything the web layer needs from one engine."""
 
@@ -177,6 +186,7 @@ class Service:
         self.name = model_name or Path(engine.directory).resolve().name
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.template = ChatTemplate.load(Path(engine.directory))
+        self.sampling_defaults = sampling_defaults(engine.manifest.generation)
         self.in_flight = 0
         self._lock = threading.Lock()
         self.metrics = Metrics(self)
@@ -195,7 +205,8 @@ class Service:
             "id": self.name, "object": "model", "created": 0, "owned_by": "mesa-engine", "max_model_len": m.max_len,
             "mesa": {"method": m.method, "params": dataclasses.asdict(self.engine.params), "max_len": m.max_len,
                      "vocab_size": m.vocab_size, "backend": self.engine.backend, "slots": self.engine.stats()["slots"],
-                     "chat_template": self.template is not None, "tokenizer": self.engine.tokenizer is not None}}]}
+                     "chat_template": self.template is not None, "tokenizer": self.engine.tokenizer is not None,
+                     "sampling_defaults": self.sampling_defaults}}]}
 
     def health(self) -> dict:
         return {"status": "ok", "replica": self.replica, "in_flight": self.in_flight, "max_queue": self.max_queue,
@@ -285,7 +296,8 @@ class Service:
         if any(t >= vocab for t in tokens):
             raise ApiError(400, f"stop token ids must be in [0, {vocab})", param="stop")
         eos = [] if req.ignore_eos else list(self.engine.manifest.eos_token_ids)
-        sampling = dict(temperature=1.0 if req.temperature is None else req.temperature, top_p=req.top_p or 1.0,
-                        top_k=req.top_k or 0, seed=req.seed)
+        sampling = dict(self.sampling_defaults)
+        sampling.update({k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p),
+                                           ("top_k", req.top_k)) if v is not None}, seed=req.seed)
         return Plan(ids, max_tokens, sampling, sorted(set(eos + tokens)), strings, list(context),
                     req.progress and req.stream)

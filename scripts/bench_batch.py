@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts import bench  # noqa: E402  (model M, its export, the machine description)
+from scripts.bench import ints  # noqa: E402
+from scripts.bench_limits import machine  # noqa: E402
+from scripts.bench_model import make_model_m  # noqa: E402
+from scripts.bench_workers import export_ours  # noqa: E402
 
 
 def measure(engine_dir: Path, B: int, context: int, tokens: int) -> dict:
@@ -69,22 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench_batch.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--batches", type=bench.ints, default=[1, 2, 4, 8])
+    p.add_argument("--batches", type=ints, default=[1, 2, 4, 8])
     p.add_argument("--tokens", type=int, default=48, help="tokens generated per row")
     p.add_argument("--work", default=str(ROOT / "bench_out"), help="where model M and its engine live")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "batch"))
     args = p.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = bench.make_model_m(work / "model_m")
-    engine = bench.export_ours(model, work / f"engine_batch_{args.context}", args.context + args.tokens + 64, None)
+    model = make_model_m(work / "model_m")
+    engine = export_ours(model, work / f"engine_batch_{args.context}", args.context + args.tokens + 64, "ort-cpu")
     rows = []
     for B in args.batches:
         rows.append(measure(engine, B, args.context, args.tokens))
         r = rows[-1]
         print(f"B={B}: {r['step_ms']:.1f} ms per call, {r['tokens_per_s']:.1f} tokens/s "
               f"({r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x one sequence)", flush=True)
-    result = {"machine": bench.machine(), "rows": rows}
+    result = {"machine": machine(), "rows": rows}
     (out / "batch.json").write_text(json.dumps(result, indent=1))
     lines = ["| sequences B | ms per decode call | tokens/s (all rows) | vs B = 1 |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "

@@ -13,7 +13,7 @@ exported once per variant with max_len = length + 64:
 | ort-cpu | `export.py --target ort-cpu` (the default): the ort-cpu pipeline |
 | ort-cpu-<kernel> | the portable graph + lower_attention[<kernel>] and the same fusion/inline/cleanup passes:
   the attention kernels the ort-cpu pipeline can choose from (attention, gqa, auto) |
-| ort-cpu-int4 | `export.py --target ort-cpu --quantize int4` |
+| ort-cpu-int4 | `export.py --target ort-cpu --precision int4` |
 
 All variants are timed in this one process, one after the other inside each repeat (so load from other
 jobs on the machine hits them alike): prefill seconds of one prompt of --length random tokens through its
@@ -191,7 +191,7 @@ def fixture_accuracy(work: Path) -> dict:
         case = load_official(name)
         flags = case.export_args()
         runs = {}
-        for variant, extra in (("fp32", []), ("int4", ["--quantize", "int4"])):
+        for variant, extra in (("fp32", []), ("int4", ["--precision", "int4"])):
             d = export(case.model_dir, work / "fixtures" / f"{name}_{variant}", case.max_len,
                        "--target", "ort-cpu", *flags, *extra)
             run = Runner(d)
@@ -223,7 +223,7 @@ def passkey_accuracy(work: Path, lengths=(256, 1024), n: int = 20) -> dict:
              "--reserve-tokens", "8", "--chunk-width", "256", "--push-width", "16", "--target", "ort-cpu"]
     max_len = max(lengths) + 16
     engines = {}
-    for variant, extra in (("fp32", []), ("int4", ["--quantize", "int4"])):
+    for variant, extra in (("fp32", []), ("int4", ["--precision", "int4"])):
         d = export(trained / "model", work / f"trained_{variant}", max_len, *flags, *extra)
         engines[variant] = MesaEngine.load(d)
     task = passkey.Task.load(trained / "task.json")
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 
     from graph_ops.lower_attention import KERNELS
-    from scripts.bench import make_model_m
+    from scripts.bench_model import make_model_m
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
         elif v == "ort-cpu":
             engines[v] = export(model, d, max_len, "--target", "ort-cpu")
         elif v == "ort-cpu-int4":
-            engines[v] = export(model, d, max_len, "--target", "ort-cpu", "--quantize", "int4")
+            engines[v] = export(model, d, max_len, "--target", "ort-cpu", "--precision", "int4")
         elif v.startswith("ort-cpu-") and v[len("ort-cpu-"):] in KERNELS:
             engines[v] = derive_kernel_variant(export(model, work / f"M_{max_len}_portable", max_len,
                                                       "--target", "portable"), d, v[len("ort-cpu-"):])

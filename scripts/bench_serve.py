@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts import bench  # noqa: E402  (model M, its export, the machine description)
+from scripts.bench import ints  # noqa: E402
+from scripts.bench_limits import machine  # noqa: E402
+from scripts.bench_model import MAX_LEN, make_model_m  # noqa: E402
+from scripts.bench_workers import export_ours  # noqa: E402
 
 FULL = dict(concurrency=[1, 2, 4, 8, 16], workloads={"1k": [1024], "1k+8k": [1024, 8192]}, tokens=256, rounds=2)
 QUICK = dict(concurrency=[1, 2, 4], workloads={"64": [64], "64+256": [64, 256]}, tokens=8, rounds=2)
@@ -93,9 +96,8 @@ async def level(url: str, concurrency: int, lengths: list[int], tokens: int, rou
 def run(args, setting: dict) -> dict:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = bench.make_model_m(work / "model_M")
-    target = "ort-cpu" if "ort-cpu" in bench.export_targets() else None
-    engine = bench.export_ours(model, work / "engine_M_mesa", bench.MAX_LEN, target)  # bench.py's engine
+    model = make_model_m(work / "model_M")
+    engine = export_ours(model, work / "engine_M_mesa", MAX_LEN, "ort-cpu")  # bench.py's engine
     slots = max(setting["concurrency"])
     proc, url = start_server(engine, slots, out / "server.log")
     rows = []
@@ -114,7 +116,38 @@ def run(args, setting: dict) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return {"machine": bench.machine(), "engine": str(engine), "slots": slots, "setting": setting, "rows": rows}
+    return {"machine": machine(), "engine": str(engine), "slots": slots, "setting": setting, "rows": rows}
+
+
+def by_length(row: dict) -> dict[int, dict]:
+    """TTFT percentiles of a level's requests, per prompt length."""
+    out = {}
+    for L in sorted({r["prompt"] for r in row["requests_detail"]}):
+        t = [r["ttft_s"] for r in row["requests_detail"] if r["prompt"] == L]
+        out[L] = {"requests": len(t), "ttft_p50_s": float(np.percentile(t, 50)), "ttft_p99_s": float(np.percentile(t, 99))}
+    return out
+
+
+def goals(result: dict) -> list[str]:
+    """The issue's two goals, computed from the rows (markdown table lines)."""
+    rows = {(r["workload"], r["concurrency"]): r for r in result["rows"]}
+    names = list(result["setting"]["workloads"])
+    lines = ["| goal | measured | met |", "|---|---|:---:|"]
+    plain, mixed = names[0], names[-1]
+    if (plain, 1) in rows and (plain, 8) in rows:
+        r = rows[(plain, 8)]["tokens_per_s"] / rows[(plain, 1)]["tokens_per_s"]
+        lines.append(f"| {plain} prompts: tokens/s at 8 clients >= 4x 1 client | {r:.2f}x | {'yes' if r >= 4 else 'no'} |")
+    if mixed != plain and (mixed, 1) in rows:
+        short, long_ = min(result["setting"]["workloads"][mixed]), max(result["setting"]["workloads"][mixed])
+        alone = by_length(rows[(mixed, 1)]).get(long_)  # one client: a long prompt's TTFT is its prefill
+        if alone:
+            for c in result["setting"]["concurrency"]:
+                if (mixed, c) in rows and short in by_length(rows[(mixed, c)]):
+                    p99 = by_length(rows[(mixed, c)])[short]["ttft_p99_s"]
+                    lines.append(f"| mixed, {c} clients: p99 TTFT of {short}-token prompts < one {long_}-token "
+                                 f"prefill ({alone['ttft_p50_s']:.1f} s) | {p99:.1f} s | "
+                                 f"{'yes' if p99 < alone['ttft_p50_s'] else 'no'} |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -125,7 +158,13 @@ def markdown(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['workload']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
               f"{r['ttft_p50_s']:.2f} s | {r['ttft_p99_s']:.2f} s | {r['per_token_ms']:.1f} |" for r in result["rows"]]
-    return "\n".join(lines) + "\n"
+    mixed = [r for r in result["rows"] if len(s["workloads"][r["workload"]]) > 1]
+    if mixed:
+        lines += ["", "TTFT per prompt length in the mixed workload:", "",
+                  "| clients | prompt tokens | requests | TTFT p50 | TTFT p99 |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['concurrency']} | {L} | {t['requests']} | {t['ttft_p50_s']:.2f} s | {t['ttft_p99_s']:.2f} s |"
+                  for r in mixed for L, t in by_length(r).items()]
+    return "\n".join(lines + ["", *goals(result)]) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -164,19 +203,26 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short prompts, few tokens: a smoke run")
-    p.add_argument("--concurrency", type=bench.ints, help="client counts (default 1,2,4,8,16)")
+    p.add_argument("--concurrency", type=ints, help="client counts (default 1,2,4,8,16)")
     p.add_argument("--tokens", type=int, help="tokens generated per request (default 256)")
     p.add_argument("--rounds", type=int, help="requests per client per level (default 2)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one request may take")
     p.add_argument("--work", default=str(ROOT / "bench_out"), help="where model M and its engine live")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "serve"))
+    p.add_argument("--report-only", action="store_true", help="rewrite serve.md and serve.png from --out's serve.json")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        result = json.loads((out / "serve.json").read_text())
+        (out / "serve.md").write_text(markdown(result))
+        plot(result, out / "serve.png")
+        print(markdown(result))
+        return 0
     setting = dict(QUICK if args.quick else FULL)
     for key in ("concurrency", "tokens", "rounds"):
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
     result = run(args, setting)
-    out = Path(args.out)
     (out / "serve.json").write_text(json.dumps(result, indent=1))
     (out / "serve.md").write_text(markdown(result))
     plot(result, out / "serve.png")

@@ -1,6 +1,6 @@
 """Export at scale: a random-weight checkpoint with a real model's config, timed, with peak RSS.
 
-    python -m scripts.export_scale --config tinyllama-1.1b --max-len 8192 [--work DIR] [--dtype fp32]
+    python -m scripts.export_scale --config tinyllama-1.1b --max-len 8192 [--work DIR] [--precision fp32]
 
 Writes the checkpoint with `save_pretrained` (once; reused from --work), then runs export.api.export_engine
 in a fresh (spawned) process and reports its wall time and peak resident memory (the child's ru_maxrss).
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="tinyllama-1.1b")
     p.add_argument("--max-len", type=int, default=8192)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4", "int8-int4"))
     p.add_argument("--work", default="/tmp/mesa-export-scale", help="folder for the checkpoint and the engine")
     p.add_argument("--no-verify", action="store_true")
     args = p.parse_args(argv)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     ckpt = write_checkpoint(args.config, work / f"{args.config}-random")
     print(f"checkpoint: {ckpt} ({time.perf_counter() - t:.0f} s)")
-    options = dict(max_len=args.max_len, force=True, dtype=args.dtype, verify=not args.no_verify)
+    options = dict(max_len=args.max_len, force=True, precision=args.precision, verify=not args.no_verify)
     child = multiprocessing.get_context("spawn").Process(
         target=export_child, args=(str(ckpt), str(work / f"{args.config}-engine"), options))
     t = time.perf_counter()
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
-    print(f"export of {args.config} (weights {weights:.2f} GiB on disk, max_len {args.max_len}, {args.dtype}): "
+    print(f"export of {args.config} (weights {weights:.2f} GiB on disk, max_len {args.max_len}, {args.precision}): "
           f"exit {code}, wall {wall:.0f} s, peak RSS {peak:.2f} GiB ({peak / weights:.2f}x the weights)")
     return code
 

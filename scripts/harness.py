@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import artifact, mesa
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
@@ -89,48 +88,31 @@ class Run:
     tokens: list[int]
     prefill_seconds: float
     decode_seconds: list[float]  # one entry per decode step (the steps after the first token)
-    logits: np.ndarray | None = None  # [L, vocab] when all prefill logits were asked for
 
 
 class Engine:
-    """An exported engine on ONNX Runtime CPU, for the benchmark and the evaluation scripts; each
-    prompt runs by its own Mesa plan."""
+    """An exported engine on ONNX Runtime CPU (runtime.engine.MesaEngine) with the timings the benchmark
+    and the evaluation scripts record; each prompt runs by its own Mesa plan."""
 
     def __init__(self, directory: str | Path):
         from runtime.engine import MesaEngine
 
         self.directory = Path(directory)
-        self.manifest = artifact.load_manifest(self.directory)
         self._engine = MesaEngine.load(self.directory, backend="ort-cpu")
-        self.api = "runtime.engine.MesaEngine"
-
-    @property
-    def params(self) -> mesa.MesaParams:
-        return self.manifest.mesa_params
+        self.manifest = self._engine.manifest
 
     @property
     def method(self) -> str:
         return self.manifest.method
 
-    def plan(self, prompt_len: int, max_new_tokens: int = 0) -> list[mesa.Step]:
-        return mesa.check_request(prompt_len, max_new_tokens, self.manifest.max_len, self.params, self.method)
-
-    def run(self, ids, max_new_tokens: int = 1, stop_ids: tuple[int, ...] = (), all_logits: bool = False) -> Run:
-        """Prefill `ids` by the plan, then greedy-decode until `max_new_tokens` tokens or a stop id."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        return self._run_engine(ids, max_new_tokens, stop_ids, all_logits)
-
     def score(self, ids) -> np.ndarray:
         """Logits [L, vocab] of every prompt position (row i predicts token i + 1)."""
         return self._engine.score(np.asarray(ids, dtype=np.int64))
 
-    # ------------------------------------------------------------------------------ internals
-
-    def _run_engine(self, ids, max_new_tokens, stop_ids, all_logits) -> Run:
-        if all_logits:  # score() and the first greedy token are one prefill
-            t = time.perf_counter()
-            logits = self._engine.score(ids)
-            return Run([int(np.argmax(logits[-1]))], time.perf_counter() - t, [], logits)
+    def run(self, ids, max_new_tokens: int = 1, stop_ids: tuple[int, ...] = ()) -> Run:
+        """Prefill `ids` by the plan, then greedy-decode until `max_new_tokens` tokens or a stop id; the
+        time to the first token is the prefill's, each later token's is one decode step's."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         times: list[float] = []
         tokens: list[int] = []
         t = time.perf_counter()
@@ -160,9 +142,3 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return time.perf_counter() - t, out

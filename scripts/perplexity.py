@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from runtime.score import token_nll  # noqa: E402  (the project's one NLL)
 
 @dataclass(frozen=True)
 class Span:
@@ -65,15 +66,6 @@ def window_spans(n_tokens: int, window: int, stride: int | None = None) -> list[
             scored_to = end
         begin += stride
     return spans
-
-
-def token_nll(logits: np.ndarray, ids) -> np.ndarray:
-    """Negative log-likelihood of ids[1:], row i of logits [n, vocab] predicting ids[i + 1] (float64)."""
-    ids = np.asarray(ids)
-    x = logits[: len(ids) - 1].astype(np.float64)
-    top = x.max(axis=1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
-    return log_z - x[np.arange(len(x)), ids[1:]]
 
 
 @dataclass

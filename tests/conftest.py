@@ -58,13 +58,12 @@ def reference(model_dir, params: mesa.MesaParams, max_len: int, method: str = "m
     """(step, cache): the PyTorch reference decoder (export.reference.TorchStep) over a fresh cache."""
     from export import loading, onnx_export
     from export.reference import TorchStep
-    from runtime.kv_cache import CacheShape, KVCache
+    from runtime.kv_cache import KVCache
 
     path, alias = loading.resolve_model(str(model_dir))
     config = loading.load_config(path)
     lm = onnx_export.build_model(path, config, params, method, max_len, "fp32", alias)
-    a = lm.model.args
-    cache = KVCache(CacheShape(a.num_hidden_layers, a.num_key_value_heads, max_len, a.head_dim))
+    cache = KVCache(lm.cache_shape)
     return TorchStep(lm.model), cache
 
 

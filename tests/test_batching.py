@@ -235,3 +235,44 @@ def test_a_stream_cancelled_before_its_first_token_frees_its_slot(model):
         next(started)
         started.close()
         assert e.stats()["free_slots"] == 1 and list(started) == []
+
+
+def test_short_prompt_overtakes_a_long_prefill_and_both_stay_exact(model):
+    """A short prompt arriving while a long one is part-way through its prefill is prefilled first (the
+    long one's keys wait in their own buffer), and both generate exactly what they generate alone."""
+    long_ids, short_ids = prompt(400, 7), prompt(30, 8)
+    with MesaEngine.load(model[1], backend="ort-cpu", slots=2) as alone:
+        expect_long = alone.generate(long_ids, 6, stop_tokens=()).tokens
+        expect_short = alone.generate(short_ids, 6, stop_tokens=()).tokens
+    with MesaEngine.load(model[1], backend="ort-cpu", slots=2, token_budget=32) as e:
+        batcher, entered, gate = e._batcher, threading.Event(), threading.Event()
+        real = batcher.step_fn
+
+        def gated(*args):  # holds the long prompt's first prefill step until the short one is queued
+            if not entered.is_set():
+                entered.set()
+                assert gate.wait(30)
+            return real(*args)
+
+        batcher.step_fn = gated
+        order: list[str] = []
+        long_stream = e.stream(long_ids, 6, stop_tokens=())
+        assert entered.wait(30)
+        short_stream = e.stream(short_ids, 6, stop_tokens=())
+        gate.set()
+
+        def read(name, stream, out):
+            for token in stream:
+                if not out:
+                    order.append(name)  # the order in which the two prefills finished
+                out.append(token)
+
+        got_long, got_short = [], []
+        threads = [threading.Thread(target=read, args=("long", long_stream, got_long)),
+                   threading.Thread(target=read, args=("short", short_stream, got_short))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got_long == expect_long and got_short == expect_short
+        assert order == ["short", "long"]  # first come first served would have finished the long one first

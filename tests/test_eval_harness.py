@@ -7,11 +7,15 @@ import contextlib
 import io
 import json
 import math
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import export_engine, tiny_checkpoint
 
+from runtime.engine import MesaEngine
+from runtime.score import token_nll
 from scripts import passkey_text, perplexity
 from scripts.harness import TextTokenizer, make_word_tokenizer
 
@@ -110,13 +114,26 @@ def test_window_spans_rejects_bad_arguments():
 def test_token_nll():
     ids = [3, 1, 2]
     uniform = np.zeros((3, 4), dtype=np.float32)
-    assert np.allclose(perplexity.token_nll(uniform, ids), math.log(4))
+    assert np.allclose(token_nll(uniform, ids), math.log(4))
     sure = np.full((3, 4), -1e4, dtype=np.float32)
     sure[0, 1] = sure[1, 2] = 0.0
-    assert np.allclose(perplexity.token_nll(sure, ids), 0.0)
+    assert np.allclose(token_nll(sure, ids), 0.0)
 
 
 # ------------------------------------------------------------------------------------ CLIs end to end
+
+def windowed_perplexity(engine, ids, window: int, stride: int) -> float:
+    """The harness's definition restated: windows start every `stride` tokens; token t (t >= 1) is scored
+    once, by the first window that holds it and starts before it, from that window's own logits."""
+    logits, nll = {}, []
+    for t in range(1, len(ids)):
+        begin = next(b for b in range(0, t, stride) if t < b + window)
+        if begin not in logits:
+            logits[begin] = engine.score(ids[begin:begin + window]).astype(np.float64)
+        row = logits[begin][t - begin - 1]
+        nll.append(np.log(np.exp(row - row.max()).sum()) + row.max() - row[ids[t]])
+    return math.exp(np.mean(nll))
+
 
 def test_perplexity_cli_accounts_for_every_token(engine_dir, tmp_path):
     text = " ".join([passkey_text.FILLER] * 20)  # 20 x 24 tokens
@@ -128,9 +145,12 @@ def test_perplexity_cli_accounts_for_every_token(engine_dir, tmp_path):
     assert code == 0
     res = json.loads((tmp_path / "out" / "perplexity.json").read_text())
     assert res["tokens"] == n
+    ids = TextTokenizer(engine_dir).encode(text)
+    engine = MesaEngine.load(engine_dir)
     for r in res["results"]:
         assert r["tokens_scored"] == n - 1 and r["method"] == "mesa"
-        assert 1.0 < r["perplexity"] < 10 * VOCAB  # random weights: near the vocabulary size, meaningless
+        expect = windowed_perplexity(engine, ids, r["length"], 50)
+        assert math.isclose(r["perplexity"], expect, rel_tol=1e-6), (r["length"], r["perplexity"], expect)
     assert (tmp_path / "out" / "perplexity.png").stat().st_size > 0
 
 
@@ -141,11 +161,35 @@ def test_perplexity_window_by_window_equals_engine_scores(engine_dir):
     eng = Engine(engine_dir)
     ids = np.random.default_rng(0).integers(3, VOCAB, 150)
     r = perplexity.evaluate(eng, ids, "tiny", 100, 60)
-    first = perplexity.token_nll(eng.score(ids[:100]), ids[:100])
-    second = perplexity.token_nll(eng.score(ids[60:150]), ids[60:150])
+    first = token_nll(eng.score(ids[:100]), ids[:100])
+    second = token_nll(eng.score(ids[60:150]), ids[60:150])
     expect = np.concatenate([first, second[100 - 60 - 1:]]).mean()
     assert r.tokens_scored == 149 and r.windows == 2
     assert math.isclose(r.nll, expect, rel_tol=1e-9)
+
+
+class ScriptedEngine:
+    """Stands in for an engine: answers the pass key of the prompt it is given (read back from the prompt
+    text) on every other call, and a wrong number on the others."""
+
+    method = "mesa"
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.calls = tokenizer, 0
+        self.manifest = SimpleNamespace(max_len=max_len, eos_token_ids=[2])
+
+    def run(self, ids, max_new_tokens, stop_ids=()):
+        key = re.search(r"pass key is ((?:\d ){4}\d)", self.tokenizer.decode(list(ids))).group(1)
+        answer = key if self.calls % 2 == 0 else "1 1 1 1 1"
+        self.calls += 1
+        return SimpleNamespace(tokens=self.tokenizer.encode(answer + " .", add_special_tokens=False))
+
+
+@pytest.mark.parametrize("trials", [1, 4, 5])
+def test_passkey_evaluate_counts_right_answers(tokenizer, trials):
+    cell = passkey_text.evaluate(ScriptedEngine(tokenizer, 400), tokenizer, "scripted", 200, 0.5, trials, 0, 8)
+    assert (cell.trials, cell.correct) == (trials, (trials + 1) // 2)
+    assert len(cell.answers) == trials and not cell.skipped
 
 
 def test_passkey_cli_runs_a_grid(engine_dir, tmp_path):
@@ -161,7 +205,7 @@ def test_passkey_cli_runs_a_grid(engine_dir, tmp_path):
         by_len.setdefault(c["length"], []).append(c)
     assert all(c["skipped"] for c in by_len[318])  # 318 + 6 new tokens > max_len 320
     for c in by_len[120] + by_len[250]:
-        assert c["trials"] == 2 and not c["skipped"] and 0 <= c["correct"] <= 2
+        assert c["trials"] == 2 and not c["skipped"] and len(c["answers"]) == 2
         assert all(c["length"] - block < n <= c["length"] for n in c["prompt_tokens"])
     md = (tmp_path / "passkey_text.md").read_text()
     assert "| 0 |" in md and "mean" in md and "Random-weight" in md

@@ -16,7 +16,7 @@ import pytest
 
 from runtime import artifact, mesa, scheduler
 from runtime.backends import OrtStep
-from runtime.kv_cache import CacheShape, KVCache
+from runtime.kv_cache import KVCache
 from tests.conftest import (OfficialCase, export_engine, greedy_sequence, hf_logits, reference, run_fixture,
                             tiny_checkpoint)
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def ort_runner(engine: Path):
     m = artifact.load_manifest(engine)
-    cache = KVCache(CacheShape(m.num_hidden_layers, m.num_key_value_heads, m.max_len, m.head_dim))
+    cache = KVCache(m.cache_shape)
     return OrtStep(engine / artifact.MODEL_FILE), cache
 
 

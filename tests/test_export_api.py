@@ -35,7 +35,8 @@ def test_returns_the_manifest_it_writes(tiny, tmp_path, capsys):
     (dict(max_len=0), mesa.MesaParamError, "above zero"),
     (dict(params={**MESA_T64, "first_chunk": 90}), mesa.MesaParamError, "train_length"),
     (dict(target="gpu"), preflight.Refused, "target 'gpu'"),
-    (dict(quantize="int8"), preflight.Refused, "quantize 'int8'"),
+    (dict(precision="int2"), preflight.Refused, "precision 'int2'"),
+    (dict(precision="int8", target="tensorrt"), preflight.Refused, "precision int8 is for target ort-cpu"),
     (dict(max_len=10**9), preflight.Refused, "largest --max-len"),
 ])
 def test_failures_raise_typed_errors_and_write_nothing(tiny, tmp_path, kwargs, error, fragment):
@@ -61,3 +62,42 @@ def test_the_api_knows_the_pipeline_targets():
     from graph_ops import pipeline
 
     assert api.TARGETS == pipeline.TARGETS
+
+
+def test_manifest_contract_blocks(tiny, tmp_path):
+    """The generation block comes from the checkpoint's generation_config.json (transformers' defaults
+    for what it leaves out); the cache block names the update rule and the in-place decode caches."""
+    import json
+    import shutil
+
+    ckpt = shutil.copytree(tiny, tmp_path / "sampling")
+    (ckpt / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 5]}))
+    m = api.export_engine(ckpt, tmp_path / "e", max_len=MAX_LEN, params=MESA_T64, verify=False, progress=False)
+    assert m.generation == {"eos_token_ids": [2, 5], "do_sample": True, "temperature": 0.6, "top_k": 50,
+                            "top_p": 0.9, "source": "generation_config.json"}
+    assert m.eos_token_ids == [2, 5]
+    assert m.cache["update"] == {"rule": "write_rows", "outputs": ["new_keys", "new_values"],
+                                 "inputs": ["k_cache", "v_cache"], "axis": "max_len", "offset": "write_pos"}
+    decode = m.cache["decode"]
+    names = {t.name for t in m.inputs} | {t.name for t in m.outputs}
+    assert decode["rule"] == "in_place" and (tmp_path / "e" / decode["rope_table"]).is_file()
+    for layer in range(2):
+        for kind in ("key", "value"):
+            assert {decode["past"].format(kind=kind, layer=layer), decode["present"].format(kind=kind, layer=layer)} <= names
+    assert set(decode["inputs"]) | {decode["flag"]} <= names
+
+    (ckpt / "generation_config.json").unlink()  # none: config.json's eos_token_id, no sampling
+    m = api.export_engine(ckpt, tmp_path / "e", max_len=MAX_LEN, params=MESA_T64, target="portable", force=True,
+                          verify=False, progress=False)
+    assert m.generation["source"] == "config.json" and m.generation["do_sample"] is False
+    assert m.cache["decode"] is None
+
+
+def test_server_sampling_defaults_follow_the_checkpoint():
+    from runtime.serve_service import sampling_defaults
+
+    sampling = {"eos_token_ids": [2], "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9,
+                "source": "generation_config.json"}
+    assert sampling_defaults(sampling) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    assert sampling_defaults({**sampling, "do_sample": False}) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}

@@ -207,7 +207,7 @@ def mutate(data, m: dict):
     if how == "retype":
         new = data.draw(BY_KIND[data.draw(st.sampled_from([k for k in BY_KIND if k != kind(old)]))])
         parent[path[-1]] = new
-        return how, m, not (path == ("bos_token_id",) and new is None)  # the only field with two types
+        return how, m, not (kind(old) == "float" and kind(new) == "int")  # JSON numbers may be written as integers
     if how == "number":
         new = old + data.draw(st.sampled_from([-3, -2, -1, 1, 2, 3, 2**40, -2**40]))
         parent[path[-1]] = new

@@ -189,7 +189,7 @@ def error_cases(engine_dir: Path, tmp: Path) -> dict[str, tuple[list[str], str]]
     e = str(engine_dir)
     return {
         "too long": ([e, "--input-ids-file", str(ids), "--max-new-tokens", "40"], "exceeds max_len 332"),
-        "empty prompt": ([e, "--prompt", ""], "has no tokenizer.json"),
+        "text, no tokenizer": ([e, "--prompt", "hello"], "has no tokenizer.json"),
         "empty ids": ([e, "--input-ids-file", str(tmp / "empty.json")], "empty prompt"),
         "id outside vocab": ([e, "--input-ids-file", str(tmp / "big.json")], "token id 600 is outside"),
         "float ids": ([e, "--input-ids-file", str(floats)], "must be integers"),
@@ -224,7 +224,7 @@ def errors(official_engine, tmp_path_factory):
     return error_cases(official_engine("a_L300_gqa"), tmp)
 
 
-@pytest.mark.parametrize("name", ["too long", "empty prompt", "empty ids", "id outside vocab", "float ids",
+@pytest.mark.parametrize("name", ["too long", "text, no tokenizer", "empty ids", "id outside vocab", "float ids",
                                   "not JSON", "ids file missing", "greedy and temperature", "bad top-p",
                                   "save-logits of a batch", "engine missing", "engine incomplete", "no new tokens",
                                   "strings as ids", "engine is a file", "prompt not UTF-8", "prompt file not UTF-8",

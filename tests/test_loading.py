@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from export.loading import (ALIASES, ModelLoadError, check_supported, default_params, hub_cache_dir,
+from export.loading import (ALIASES, ModelLoadError, check_supported, hub_cache_dir,
                             iter_state_dict, load_config, load_state_dict, resolve_model, rope_config)
 from export.model import RopeConfig
-from runtime.mesa import MesaParamError, dynamic_split
+from runtime.mesa import MesaParamError, default_params, dynamic_split
 
 transformers = pytest.importorskip("transformers")
 
@@ -208,12 +208,12 @@ def test_hf_id_and_alias_found_in_local_cache(ckpts, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ params and rope
 
 def test_alias_presets():
-    chat = default_params(SimpleNamespace(max_position_embeddings=4096), ALIASES["llama2-7b-chat"], {})
+    chat = default_params(4096, ALIASES["llama2-7b-chat"].params, {})
     assert chat.as_dict() == dict(train_length=2048, first_chunk=100, first_chunk_cache=100, last_context=800,
                                   reserve_tokens=50, push_width=20, chunk_width=2048)
     for name, alias in ALIASES.items():
         assert alias.hf_id.count("/") == 1 and alias.source, name
-        p = default_params(SimpleNamespace(max_position_embeddings=1), alias, {})  # the preset's T wins
+        p = default_params(1, alias.params, {})  # the preset's T wins
         assert p.train_length == alias.params["train_length"] and p.chunk_width == p.train_length
         for L in (p.train_length, 3 * p.train_length + 777, 12 * p.train_length):
             assert dynamic_split(L, p) + p.first_chunk < p.train_length
@@ -221,7 +221,7 @@ def test_alias_presets():
 
 @pytest.mark.parametrize("T", [16, 64, 128, 1000, 2048, 4096, 32768])
 def test_default_rule_keeps_dynamic_split_valid(T):
-    p = default_params(SimpleNamespace(max_position_embeddings=T), None, {})
+    p = default_params(T, None, {})
     assert p.train_length == T and p.chunk_width == T and p.first_chunk_cache == p.first_chunk
     if T >= 2048:  # the paper's general setting, unscaled
         assert (p.first_chunk, p.last_context, p.reserve_tokens, p.push_width) == (100, 512, 50, 50)
@@ -231,8 +231,8 @@ def test_default_rule_keeps_dynamic_split_valid(T):
 
 
 def test_overrides_win():
-    cfg = SimpleNamespace(max_position_embeddings=4096)
-    p = default_params(cfg, ALIASES["llama2-7b-chat"], {"push_width": 7, "last_context": None, "train_length": 4096})
+    cfg = 4096
+    p = default_params(cfg, ALIASES["llama2-7b-chat"].params, {"push_width": 7, "last_context": None, "train_length": 4096})
     assert (p.push_width, p.last_context, p.train_length, p.chunk_width) == (7, 800, 4096, 4096)
     assert default_params(cfg, None, {"train_length": 128}).first_chunk == 6  # rule follows the overridden T
     with pytest.raises(MesaParamError, match="unknown Mesa parameter"):

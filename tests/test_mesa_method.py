@@ -495,8 +495,11 @@ def check_plan(L: int, d: dict):
         visible = spec_visible(kind, start, stop, F)
         assert step.write_pos == step.start
         assert step_visible(step) == visible
+        assert [k for lo, hi in step.visible_ranges for k in range(lo, hi)] == visible
         S = len(visible)
         q = stop - start
+        # query i of the block (absolute index start + i) sees the cached keys and new keys start..start+i
+        assert step.attention_pairs == sum(len([k for k in visible if k < start or k <= start + i]) for i in range(q))
         assert step.q == q
         assert step.kv_len == S
         assert step.kv_len == step.sink_len + (step.write_pos - step.window_start) + step.q

@@ -52,7 +52,7 @@ def test_mesa_equals_transformers_below_train_length(checkpoint):
 
 @pytest.mark.parametrize("length", [1, 63, 200])
 def test_origin_equals_transformers_at_every_length(checkpoint, length):
-    params = loading.default_params(loading.load_config(checkpoint), None, {})
+    params = mesa.default_params(loading.load_config(checkpoint).max_position_embeddings)
     ids = np.random.default_rng(length).integers(0, 96, length, dtype=np.int64)
     step, cache = reference(checkpoint, params, max_len=length + 8, method="origin")
     ours, tokens = greedy_sequence(step, cache, ids, mesa.prefill_steps(length, params, "origin"), new_tokens=6)

@@ -157,14 +157,15 @@ def test_stop_tokens(engine, case):
 def test_cache_allocated_once_and_reused(engine_dir, case):
     engine = MesaEngine.load(engine_dir, backend="ort-cpu")
     decoder = engine._decoder  # the in-place decoder: one decode-cache slot and one prefill buffer
-    arrays = (decoder.cache.k, decoder.cache.v, decoder.prefill.k, decoder.prefill.v)
-    assert decoder.cache.k.shape == (2, 1, 2, case.max_len, 16) and decoder.prefill.k.shape == (2, 1, 2, case.max_len, 16)
+    arrays = (decoder.cache.k, decoder.cache.v, decoder.prefills[0].k, decoder.prefills[0].v)
+    assert len(decoder.prefills) == 1
+    assert decoder.cache.k.shape == (2, 1, 2, case.max_len, 16) and decoder.prefills[0].k.shape == (2, 1, 2, case.max_len, 16)
     assert engine.stats()["cache_bytes"] == sum(a.nbytes for a in arrays) == 4 * 2 * 2 * case.max_len * 16 * 4
     buffers = [a.ctypes.data for a in arrays]
     short = engine.generate(case.input_ids[:40], 8, stop_tokens=())
     engine.generate(case.input_ids, 20, stop_tokens=())  # fills far more of the cache
     again = engine.generate(case.input_ids[:40], 8, stop_tokens=())
-    assert [a.ctypes.data for a in (decoder.cache.k, decoder.cache.v, decoder.prefill.k, decoder.prefill.v)] == buffers
+    assert [a.ctypes.data for a in (decoder.cache.k, decoder.cache.v, decoder.prefills[0].k, decoder.prefills[0].v)] == buffers
     assert again.tokens == short.tokens  # nothing of one request leaks into the next
 
 
@@ -309,7 +310,8 @@ def without(d: dict, key: str) -> None:
     (lambda m: m["inputs"][1]["shape"].__setitem__(0, 2.5), r"field inputs\[1\].shape\[0\]: 2.5 is not of type"),
     (lambda m: m.update(method="stairs"), r"field method: 'stairs' is not one of \['mesa', 'origin'\]"),
     (lambda m: m["params"].update(first_chunk=200), "field params: first_chunk F=200 must be below train_length"),
-    (lambda m: m.update(eos_token_ids=[-2]), r"field eos_token_ids\[0\]: -2 is less than the minimum of 0"),
+    (lambda m: m["generation"].update(eos_token_ids=[-2]),
+     r"field generation.eos_token_ids\[0\]: -2 is less than the minimum of 0"),
 ])
 def test_malformed_manifest_is_one_load_error_naming_the_field(engine_dir, tmp_path, edit, message):
     """Once AttributeError / TypeError from the dataclass, or (method) a RequestError on every request."""
@@ -336,7 +338,8 @@ def test_edited_manifest_is_refused_by_the_graph(engine_dir, tmp_path, edit, mes
 
 
 def test_descriptive_fields_may_be_edited(engine_dir, engine, case, tmp_path):
-    edit = lambda m: m.update(eos_token_ids=[7], passes=[], source={**m["source"], "model": "renamed"})  # noqa: E731
+    edit = lambda m: m.update(generation={**m["generation"], "eos_token_ids": [7]}, passes=[],  # noqa: E731
+                              source={**m["source"], "model": "renamed"})
     edited = MesaEngine.load(rewritten_copy(engine_dir, tmp_path / "e", edit), backend="ort-cpu")
     assert edited.manifest.eos_token_ids == [7]
     assert edited.generate(case.input_ids[:40], 5, stop_tokens=()).tokens == \
@@ -523,7 +526,7 @@ def test_device_step_on_cpu_reproduces_published_logits(case, tmp_path):
     """ort-cuda/tensorrt's path (IO binding, cache as OrtValues, TensorScatter writes) on CPUExecutionProvider,
     with the graph the ort-cuda target makes (in fp32, so that CPU kernels exist for it)."""
     engine_dir = export_engine(case.model_dir, tmp_path / "cuda", case.max_len,
-                               [*case.export_args(), "--no-verify", "--target", "ort-cuda", "--dtype", "fp32"])
+                               [*case.export_args(), "--no-verify", "--target", "ort-cuda", "--precision", "fp32"])
     session = ort.InferenceSession(str(engine_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
     step = backends.OrtDeviceStep(session, device="cpu")
     cache = step.new_cache(CacheShape(2, 2, case.max_len, 16))

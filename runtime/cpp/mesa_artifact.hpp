@@ -108,9 +108,9 @@ inline Manifest load_manifest(const fs::path& dir) {  // runtime/artifact.py loa
     if (!j.is_object() || j.value("format", json()) != "mesa-engine")
       throw LoadError("not a mesa-engine manifest (format=" +
                       (j.is_object() && j.contains("format") ? j["format"].dump() : "None") + ")");
-    if (j.value("format_version", json()) != 1)
+    if (j.value("format_version", json()) != 2)
       throw LoadError("engine format version " + j.value("format_version", json()).dump() +
-                      " is not supported by this runtime (expects 1); re-export the engine");
+                      " is not supported by this runtime (expects 2); re-export the engine");
     auto field = [&](const json& o, const std::string& name, const std::string& where) -> const json& {
       if (!o.contains(name)) throw LoadError("field " + where + name + " is missing");
       return o[name];
@@ -141,7 +141,10 @@ inline Manifest load_manifest(const fs::path& dir) {  // runtime/artifact.py loa
     m.max_len = integer(j, "max_len", 1), m.vocab_size = integer(j, "vocab_size", 1);
     m.layers = integer(j, "num_hidden_layers", 1), m.kv_heads = integer(j, "num_key_value_heads", 1);
     m.head_dim = integer(j, "head_dim", 1);
-    m.eos_token_ids = field(j, "eos_token_ids", "").get<std::vector<int64_t>>();
+    m.eos_token_ids = field(field(j, "generation", ""), "eos_token_ids", "generation.").get<std::vector<int64_t>>();
+    if (!field(j, "decode_model", "").is_null())  // int8-int4: decode steps run decode.onnx
+      throw LoadError("field decode_model: engines whose decode steps run a graph of their own (--precision "
+                      "int8-int4) are served by the Python runtime only; export with another --precision");
     for (const char* list : {"inputs", "outputs"})
       for (const json& t : field(j, list, "")) m.io.insert(t.at("name").get<std::string>());
   } catch (const json::exception& e) {  // not JSON, or a field of the wrong type
