@@ -64,6 +64,8 @@ class Stats:
             self.token_spread.append(float(per_token.max() / max(np.median(per_token), 1e-30)))
         flat = a.reshape(-1)
         self.sample.extend(rng.choice(flat, size=min(keep, flat.size), replace=False).tolist())
+        if len(self.sample) > keep:  # a bounded sample over all calls
+            self.sample = rng.choice(np.asarray(self.sample), size=keep, replace=False).tolist()
 
     def summary(self) -> dict:
         return {"calls": self.calls, "elements": self.elements, "lowest": self.lowest, "highest": self.highest,
@@ -255,7 +257,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-length", type=int, default=4, help="prompts per length (default 4)")
     p.add_argument("--decode-tokens", type=int, default=8,
                    help="each prompt's last tokens, run as decode steps (default 8)")
-    p.add_argument("--out", metavar="DIR", help="write calibration.json (statistics and samples) and calibration.md")
+    p.add_argument("--out", metavar="DIR", help="write calibration.json (the statistics per activation and phase) and "
+                                                "calibration.md (the table printed)")
     return p
 
 
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "calibration.json").write_text(json.dumps(data))
+        (out / "calibration.json").write_text(json.dumps({k: v for k, v in data.items() if k != "samples"}, indent=1))
         (out / "calibration.md").write_text(table)
         print(f"wrote {out / 'calibration.json'} and {out / 'calibration.md'}", file=sys.stderr)
     return 0

@@ -1,22 +1,27 @@
 """The paper's threshold analysis: do a layer's hidden states leave their trained range where plain RoPE fails?
 
-    python -m calibration.thresholds CHECKPOINT_OR_ENGINE [--layer 2] [--lengths 64,128,...] [--out DIR]
+    python -m calibration.thresholds CHECKPOINT_OR_ENGINE [--layer 2] [--length 2048] [--out DIR]
 
 Mesa-Extrapolation's argument (arXiv 2410.15859, section 3) is that extrapolation fails when the hidden
-state of particular dimensions in an early layer crosses a threshold that it never crosses inside the
-trained length, and that Stair PE keeps it below. This measures that on a checkpoint:
+state of particular dimensions in an early layer crosses a threshold it never crosses inside the trained
+length, and that Stair PE keeps it below. This measures that on a checkpoint:
 
-1. For each prompt length L (random token prompts, --prompts per length), the hidden state of the last
-   prompt token at the output of decoder layer `--layer` (0-based index into model.layers; default 2),
-   under plain RoPE (origin: full attention) and under Mesa (the engine's parameters, or the defaults),
-   computed by the PyTorch reference decoder (export/model.py) walked through each method's real plan.
-2. The dimensions: those whose origin value moves most between L = T and the longest length, in units
-   of their spread over prompts at lengths <= T (--dims of them).
-3. Per dimension, the threshold: the trained envelope, i.e. the most extreme value (in the direction it
-   drifts) over all prompts at lengths <= T. The predicted failure length of origin is the first L > T
-   whose mean crosses it; Mesa is checked against the same threshold.
-4. A recommendation: among candidate push widths pw (W0 = T), the smallest whose Mesa hidden states stay
-   inside every threshold at every length (the least positional compression that stays in range).
+1. --prompts random token prompts of --length tokens (default 8 T); the hidden state at the output of
+   decoder layer `--layer` (0-based index into model.layers; default 2) at every position, under plain
+   RoPE (origin: full attention) and under Mesa (the engine's parameters, or the defaults), computed by the
+   PyTorch reference decoder (export/model.py) walked through each method's real plan (under Mesa a
+   position's state is computed by the call its chunk belongs to, as the engine computes it).
+2. Positions are binned (--bin tokens, default T/4) and averaged over prompts and the bin.
+3. The dimensions: those whose origin mean moves most between the positions below T and those beyond 2T,
+   in units of their spread over the bins below T (--dims of them).
+4. Per dimension, the threshold: the most extreme binned mean below T, in the direction the dimension
+   drifts. The predicted failure point of origin is the first bin past T whose mean crosses it; Mesa is
+   held against the same threshold.
+5. Mesa is judged where it acts: the positions of the prompt's last chunk (full context, stair positions,
+   log-n > 1; its first and middle chunks see fewer than T keys at plain positions, inside the trained
+   regime by construction), against origin at the same positions. A recommendation: among candidate
+   push widths pw (W0 = T), the smallest that keeps every dimension inside its threshold there (the
+   least positional compression that stays in range), or none.
 
 Writes thresholds.json, thresholds.md and thresholds.png into --out. An engine directory is read for its
 Mesa parameters and the checkpoint path its manifest records.
@@ -32,102 +37,113 @@ from pathlib import Path
 import numpy as np
 
 
-def hidden_states(path: Path, config, params, method: str, lengths: list[int], prompts: np.ndarray,
-                  layer: int) -> np.ndarray:
-    """[lengths, prompts, hidden]: the last prompt token's hidden state at the output of model.layers[layer],
-    each prompt run by its method's plan (runtime.mesa.prefill_steps) on the PyTorch reference decoder."""
+def hidden_states(path: Path, config, params, method: str, prompts: np.ndarray, layer: int) -> np.ndarray:
+    """[prompts, length, hidden]: the output of model.layers[layer] at every position of each prompt, run
+    by its method's plan (runtime.mesa.prefill_steps) on the PyTorch reference decoder."""
     from export import onnx_export
     from export.reference import TorchStep
     from runtime import mesa, scheduler
     from runtime.kv_cache import KVCache
 
-    lm = onnx_export.build_model(path, config, params, method, max(lengths), "fp32")
+    n, length = prompts.shape
+    lm = onnx_export.build_model(path, config, params, method, length, "fp32")
     model, step = lm.model, TorchStep(lm.model)
     captured = []
-    hook = model.model.layers[layer].register_forward_hook(lambda m, i, out: captured.append(out[0][0, -1]))
-    cache_shape = lm.cache_shape
-    g = mesa.graph_params(params, method, lm.max_len)
-    out = np.zeros((len(lengths), len(prompts), model.args.hidden_size), np.float32)
+    hook = model.model.layers[layer].register_forward_hook(lambda m, i, out: captured.append(out[0][0].float()))
+    plan = mesa.prefill_steps(length, mesa.graph_params(params, method, lm.max_len), method)
+    out = np.zeros((n, length, model.args.hidden_size), np.float32)
     try:
-        for i, L in enumerate(lengths):
-            for j, ids in enumerate(prompts):
-                captured.clear()
-                scheduler.prefill(step, ids[:L], mesa.prefill_steps(L, g, method), KVCache(cache_shape),
-                                  all_logits=False)
-                out[i, j] = captured[-1].float().numpy()  # the last call holds the last token
+        for j, ids in enumerate(prompts):
+            captured.clear()
+            scheduler.prefill(step, ids, plan, KVCache(lm.cache_shape), all_logits=False)
+            out[j] = np.concatenate([c.numpy() for c in captured])  # the calls cover [0, length) in order
     finally:
         hook.remove()
     return out
 
 
-def pick_dims(origin: np.ndarray, lengths: list[int], T: int, n: int) -> list[int]:
-    """The n dimensions whose origin mean moves most from L = T (or the longest L <= T) to the longest L,
-    in units of their spread over prompts and lengths <= T."""
-    inside = [i for i, L in enumerate(lengths) if L <= T]
-    ref = origin[inside[-1]].mean(axis=0)
-    spread = origin[inside].reshape(-1, origin.shape[-1]).std(axis=0) + 1e-6
-    score = np.abs(origin[-1].mean(axis=0) - ref) / spread
+def binned(states: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bin starts, [bins, hidden] means over prompts and the positions of each bin)."""
+    n, length, h = states.shape
+    starts = np.arange(0, length - width + 1, width)
+    return starts, np.stack([states[:, s:s + width].mean(axis=(0, 1)) for s in starts])
+
+
+def pick_dims(starts: np.ndarray, origin: np.ndarray, T: int, n: int) -> list[int]:
+    inside, far = starts + (starts[1] - starts[0]) <= T, starts >= 2 * T
+    spread = origin[inside].std(axis=0) + 1e-6
+    score = np.abs(origin[far].mean(axis=0) - origin[inside].mean(axis=0)) / spread
     return [int(d) for d in np.argsort(-score)[:n]]
 
 
-def thresholds(origin: np.ndarray, lengths: list[int], T: int, dims: list[int]) -> list[dict]:
-    """Per dim: the drift direction, the trained envelope (threshold) and where origin's mean crosses it."""
-    inside = [i for i, L in enumerate(lengths) if L <= T]
+def thresholds(starts: np.ndarray, origin: np.ndarray, T: int, dims: list[int]) -> list[dict]:
+    """Per dim: the drift direction, the threshold (the trained range's extreme) and where origin crosses it."""
+    width = int(starts[1] - starts[0])
+    inside, beyond = starts + width <= T, starts >= T
     rows = []
     for d in dims:
-        sign = 1.0 if origin[-1, :, d].mean() >= origin[inside[-1], :, d].mean() else -1.0
-        limit = float((sign * origin[inside, :, d]).max())
-        mean = sign * origin[:, :, d].mean(axis=1)
-        crossed = [L for L, m in zip(lengths, mean) if L > T and m > limit]
+        sign = 1.0 if origin[beyond, d].mean() >= origin[inside, d].mean() else -1.0
+        limit = float((sign * origin[inside, d]).max())
+        crossed = [int(s) for s, m in zip(starts[beyond], sign * origin[beyond, d]) if m > limit]
         rows.append({"dim": d, "direction": "up" if sign > 0 else "down", "threshold": sign * limit,
                      "origin_crosses_at": crossed[0] if crossed else None})
     return rows
 
 
 def excursion(values: np.ndarray, rows: list[dict]) -> float:
-    """The largest (mean - threshold) over lengths and dims, in the drift direction, relative to the
-    threshold's magnitude: <= 0 means inside every trained envelope."""
+    """The largest (mean - threshold) over `values` ([positions or bins, hidden]) and the dims, in the drift
+    direction, relative to the threshold's magnitude: <= 0 means inside every threshold."""
     worst = -np.inf
     for r in rows:
         sign = 1.0 if r["direction"] == "up" else -1.0
-        mean = sign * values[:, :, r["dim"]].mean(axis=1)
-        worst = max(worst, float((mean - sign * r["threshold"]).max() / (abs(r["threshold"]) + 1e-6)))
+        gap = (sign * np.atleast_2d(values)[:, r["dim"]] - sign * r["threshold"]).max()
+        worst = max(worst, float(gap / (abs(r["threshold"]) + 1e-6)))
     return worst
 
 
-def analyse(source: str | Path, layer: int = 2, lengths: list[int] | None = None, n_prompts: int = 8,
-            n_dims: int = 4, push_widths: list[int] | None = None, seed: int = 0, log=print) -> dict:
+def analyse(source: str | Path, layer: int = 2, length: int | None = None, n_prompts: int = 32, n_dims: int = 4,
+            push_widths: list[int] | None = None, bin_width: int | None = None, seed: int = 0, log=print) -> dict:
+    """The analysis; see the module docstring. Mesa is judged where its method acts: the positions of the
+    prompt's last chunk (full context, stair positions, log-n > 1); its first and middle chunks are
+    computed over fewer than T keys at plain positions, inside the trained regime by construction."""
     from export import loading
     from runtime import mesa
 
     path, params = resolve(source)
     config = loading.load_config(path)
     T = params.train_length
-    lengths = sorted(lengths or [T // 4, T // 2, 3 * T // 4, T, 3 * T // 2, 2 * T, 3 * T, 4 * T, 6 * T, 8 * T])
-    if lengths[0] > T or lengths[-1] <= T:
-        raise ValueError(f"--lengths must include lengths <= T={T} and beyond it, got {lengths}")
+    length = length or 8 * T
+    width = bin_width or max(1, T // 4)
+    if length < 3 * T:
+        raise ValueError(f"--length must be at least 3 T = {3 * T} (positions below T, and beyond 2 T, are compared)")
     if not 0 <= layer < config.num_hidden_layers:
         raise ValueError(f"--layer {layer} is not a layer of this model (0..{config.num_hidden_layers - 1})")
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(min(3, config.vocab_size - 1), config.vocab_size, (n_prompts, lengths[-1]))
-    log(f"origin: hidden states of layer {layer} at {len(lengths)} lengths x {n_prompts} prompts")
-    origin = hidden_states(path, config, params, "origin", lengths, prompts, layer)
-    dims = pick_dims(origin, lengths, T, n_dims)
-    rows = thresholds(origin, lengths, T, dims)
-    curves = {"origin": origin}
+    prompts = np.random.default_rng(seed).integers(min(3, config.vocab_size - 1), config.vocab_size, (n_prompts, length))
+    log(f"origin: layer {layer} hidden states at {length} positions x {n_prompts} prompts")
+    raw = hidden_states(path, config, params, "origin", prompts, layer)
+    starts, origin = binned(raw, width)
+    dims = pick_dims(starts, origin, T, n_dims)
+    rows = thresholds(starts, origin, T, dims)
     candidates = sorted(set(push_widths or [p for p in (2, 4, 8, 16, 32, 64) if p < T]) | {params.push_width})
-    inside = {}
+    last = {pw: mesa.prefill_steps(length, mesa.MesaParams(**{**params.as_dict(), "push_width": pw}))[-1].start
+            for pw in candidates}  # DynamicSplit does not depend on pw: one last chunk for all
+    first_last = min(last.values())
+    curves = {"origin": origin}
+    last_chunk = {"origin": raw[:, first_last:].mean(axis=0)}  # [positions, hidden]: mean over prompts
     for pw in candidates:
         p = mesa.MesaParams(**{**params.as_dict(), "push_width": pw})
         log(f"mesa pw={pw}: hidden states")
-        curves[f"mesa pw={pw}"] = hidden_states(path, config, p, "mesa", lengths, prompts, layer)
-        inside[pw] = excursion(curves[f"mesa pw={pw}"], rows)
-    ok = [pw for pw in candidates if inside[pw] <= 0]
+        states = hidden_states(path, config, p, "mesa", prompts, layer)
+        curves[f"mesa pw={pw}"] = binned(states, width)[1]
+        last_chunk[f"mesa pw={pw}"] = states[:, first_last:].mean(axis=0)
+    excursions = {name: excursion(v, rows) for name, v in last_chunk.items()}
+    ok = [pw for pw in candidates if excursions[f"mesa pw={pw}"] <= 0]
     return {"checkpoint": str(path), "layer": layer, "train_length": T, "params": params.as_dict(),
-            "lengths": lengths, "prompts": n_prompts, "dims": rows,
-            "origin_excursion": excursion(origin, rows), "mesa_excursion": {str(k): v for k, v in inside.items()},
+            "length": length, "bin": width, "prompts": n_prompts, "dims": rows, "last_chunk_start": first_last,
+            "last_chunk_excursion": excursions,
             "recommended": {"push_width": min(ok) if ok else None, "chunk_width": T},
-            "means": {name: v.mean(axis=1)[:, dims].tolist() for name, v in curves.items()}}
+            "bins": starts.tolist(), "means": {name: v[:, dims].tolist() for name, v in curves.items()},
+            "last_chunk_means": {name: v[:, dims].mean(axis=0).tolist() for name, v in last_chunk.items()}}
 
 
 def resolve(source: str | Path):
@@ -150,17 +166,23 @@ def resolve(source: str | Path):
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Layer {r['layer']} (0-based), T = {r['train_length']}, {r['prompts']} random prompts per length; "
-             f"Mesa parameters {r['params']}.", "",
-             "| dim | drifts | threshold (trained envelope) | origin crosses at |", "|---:|---|---:|---:|"]
+    lines = [f"Layer {r['layer']} (0-based), T = {r['train_length']}, {r['prompts']} random prompts of {r['length']} "
+             f"tokens, positions in bins of {r['bin']}; Mesa parameters {r['params']}.", "",
+             "| dim | drifts | threshold (trained range's extreme) | origin crosses at position |",
+             "|---:|---|---:|---:|"]
     for d in r["dims"]:
         lines.append(f"| {d['dim']} | {d['direction']} | {d['threshold']:.4g} | {d['origin_crosses_at'] or 'never'} |")
-    lines += ["", "| engine | largest excursion past a threshold (relative; <= 0: inside) |", "|---|---:|",
-              f"| origin | {r['origin_excursion']:.3f} |"]
-    lines += [f"| mesa pw={pw} | {x:.3f} |" for pw, x in r["mesa_excursion"].items()]
+    names = list(r["last_chunk_means"])
+    lines += ["", f"The last chunk (positions {r['last_chunk_start']}..{r['length'] - 1}, where Mesa's stair positions act): "
+              "mean hidden state per dim, and the largest excursion past a threshold (relative; <= 0: inside).", "",
+              "| engine | " + " | ".join(f"dim {d['dim']}" for d in r["dims"]) + " | excursion |",
+              "|---|" + "---:|" * (len(r["dims"]) + 1)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r["last_chunk_means"][name])
+                     + f" | {r['last_chunk_excursion'][name]:.3f} |")
     rec = r["recommended"]
     lines += ["", f"Recommended: push_width {rec['push_width']} with W0 = T = {rec['chunk_width']}" if rec["push_width"]
-              else "No candidate push width keeps every dimension inside its trained envelope."]
+              else "No candidate push width keeps every dimension inside its threshold in the last chunk."]
     return "\n".join(lines) + "\n"
 
 
@@ -174,14 +196,12 @@ def plot(r: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.6), squeeze=False)
     for k, (ax, d) in enumerate(zip(axes[0], dims)):
         for name, means in r["means"].items():
-            ax.plot(r["lengths"], [m[k] for m in means], "o-" if name == "origin" else ".-", label=name,
-                    lw=2 if name == "origin" else 1)
+            ax.plot(r["bins"], [m[k] for m in means], "-", label=name, lw=2.2 if name == "origin" else 1)
         ax.axhline(d["threshold"], color="k", ls="--", lw=1, label="threshold")
         ax.axvline(r["train_length"], color="grey", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
         ax.set_title(f"layer {r['layer']}, dim {d['dim']}")
-        ax.set_xlabel("prompt tokens")
-    axes[0][0].set_ylabel("hidden state (mean over prompts)")
+        ax.set_xlabel("position")
+    axes[0][0].set_ylabel(f"hidden state (mean over prompts, bins of {r['bin']})")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -193,9 +213,9 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="CHECKPOINT_OR_ENGINE", help="a checkpoint folder or alias, or an engine directory")
     p.add_argument("--layer", type=int, default=2, help="decoder layer whose output is read (0-based, default 2)")
-    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="prompt lengths, comma separated (default T/4 .. 8T)")
-    p.add_argument("--prompts", type=int, default=8, help="random prompts per length (default 8)")
+    p.add_argument("--length", type=int, default=None, help="prompt tokens (default 8 T; at least 3 T)")
+    p.add_argument("--bin", type=int, default=None, help="positions averaged per point (default T/4)")
+    p.add_argument("--prompts", type=int, default=32, help="random prompts (default 32)")
     p.add_argument("--dims", type=int, default=4, help="dimensions analysed (default 4)")
     p.add_argument("--push-widths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="candidate pw for the recommendation (default 2,4,...,64 below T)")
@@ -210,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.mesa import MesaParamError
 
     try:
-        result = analyse(args.source, args.layer, args.lengths, args.prompts, args.dims, args.push_widths,
+        result = analyse(args.source, args.layer, args.length, args.prompts, args.dims, args.push_widths, args.bin,
                          log=lambda m: print(m, file=sys.stderr))
     except (ValueError, OSError, ModelLoadError, ArtifactError, MesaParamError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -96,6 +96,14 @@ class Sequence:
             logits = self._next()
         return logits
 
+    def feed(self, tokens: Iterable[int]) -> np.ndarray:
+        """Consume `tokens` one decode step each (teacher forcing); the logits of every step [n, vocab]."""
+        out = []
+        for t in tokens:
+            self.append([t])
+            out.append(self.step())
+        return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
     def _next(self) -> np.ndarray:
         got = self._results.get()
         if got is _END:
@@ -185,11 +193,8 @@ def replay(step_fn, decoder, ids: np.ndarray, plan, tokens: Iterable[int]) -> tu
     try:
         with Sequence(batcher, dict(ids=ids, plan=plan, all_logits=True), vocab_size=2**62) as seq:
             seq.step()
-            decode = []
-            for t in tokens:
-                seq.append([t])
-                decode.append(seq.step())
+            decode = seq.feed(tokens)
             vocab = seq.prompt_logits.shape[-1]
-            return seq.prompt_logits, np.stack(decode) if decode else np.zeros((0, vocab), np.float32)
+            return seq.prompt_logits, decode if len(decode) else np.zeros((0, vocab), np.float32)
     finally:
         batcher.close()

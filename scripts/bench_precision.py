@@ -69,22 +69,14 @@ def phase_logits(engine_dir: Path, ids: np.ndarray, fed: list[int]) -> dict[str,
     from runtime import mesa
     from runtime.engine import MesaEngine
 
-    engine = MesaEngine.load(engine_dir)
-    try:
-        seq = engine.sequence(ids, all_logits=True)
-        prefill = seq.step()
-        decode = []
-        for t in fed:
-            seq.append([t])
-            decode.append(seq.step())
-        seq.cancel()
-    finally:
-        engine.close()
+    with MesaEngine.load(engine_dir) as engine, engine.sequence(ids, all_logits=True) as seq:
+        prefill, decode = seq.step(), seq.feed(fed)
+        params, method = engine.params, engine.manifest.method
     out: dict[str, list] = {}
-    for step in mesa.prefill_steps(len(ids), engine.params, engine.manifest.method):
+    for step in mesa.prefill_steps(len(ids), params, method):
         out.setdefault(step.kind, []).append(prefill[step.start:step.stop])
     grouped = {k: np.concatenate(v) for k, v in out.items()}
-    grouped["decode"] = np.stack(decode)
+    grouped["decode"] = decode
     return grouped
 
 
@@ -248,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
               "error_length": args.error_length}
     if not args.skip_speed:
         model = make_model_m(work / "model_M")
-        max_len = max(max(args.prefill_at), max(args.decode_at) + args.decode_tokens + 8, args.error_length + 32)
+        max_len = max(max(args.prefill_at), max(args.decode_at) + args.decode_tokens, args.error_length + 16) + 8
         engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}", max_len, "ort-cpu", p)
                    for p in args.precisions}
         result["speed"] = speed(args, engines)

@@ -34,13 +34,20 @@ def log(msg: str) -> None:
 
 
 def export_ours(model: Path, out: Path, max_len: int, target: str, precision: str | None = None) -> Path:
-    if (out / "mesa.json").is_file():
-        return out
+    """The engine in `out`, exported unless a readable one of this runtime's format is there already."""
     from export.api import export_engine
+    from runtime.artifact import ArtifactError, load_manifest
+
+    if (out / "mesa.json").is_file():
+        try:
+            load_manifest(out)
+            return out
+        except ArtifactError as e:
+            log(f"re-exporting {out.name}: {e}")
 
     log(f"exporting {out.name}: model {model}, max_len {max_len}, method mesa, target {target}, "
         f"precision {precision or 'default'}")
-    export_engine(model, out, max_len=max_len, method="mesa", target=target, precision=precision)
+    export_engine(model, out, max_len=max_len, method="mesa", target=target, precision=precision, force=True)
     return out
 
 

@@ -35,15 +35,8 @@ def ops(path) -> set[str]:
 
 
 def run(engine_dir, ids, fed) -> tuple[np.ndarray, np.ndarray]:
-    with MesaEngine.load(engine_dir) as engine:
-        seq = engine.sequence(ids, all_logits=True)
-        prefill = seq.step()
-        decode = []
-        for t in fed:
-            seq.append([t])
-            decode.append(seq.step())
-        seq.cancel()
-    return prefill, np.stack(decode)
+    with MesaEngine.load(engine_dir) as engine, engine.sequence(ids, all_logits=True) as seq:
+        return seq.step(), seq.feed(fed)
 
 
 def relative_error(a, b) -> float:
@@ -180,7 +173,7 @@ def test_tensorrt_calibration_table(ckpt, tmp_path):
 # ------------------------------------------------------------------------------ thresholds
 
 def test_threshold_hidden_states_equal_transformers_for_origin(ckpt):
-    """Origin is plain attention: our hidden states are transformers' own hidden_states."""
+    """Origin is plain attention: our hidden states at every position are transformers' own hidden_states."""
     import torch
     import transformers
 
@@ -188,25 +181,45 @@ def test_threshold_hidden_states_equal_transformers_for_origin(ckpt):
 
     config = loading.load_config(ckpt)
     prompts = np.random.default_rng(3).integers(3, 96, (2, 80))
-    ours = thresholds.hidden_states(ckpt, config, mesa.MesaParams(**MESA_T64), "origin", [40, 80], prompts, 0)
+    ours = thresholds.hidden_states(ckpt, config, mesa.MesaParams(**MESA_T64), "origin", prompts, 0)
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
-    for i, L in enumerate((40, 80)):
-        with torch.no_grad():
-            # hidden_states[1]: the output of layer 0 (the last entry would carry the final norm)
-            h = hf(torch.from_numpy(prompts[:, :L]), output_hidden_states=True).hidden_states[1][:, -1].numpy()
-        np.testing.assert_allclose(ours[i], h, atol=1e-4)
+    with torch.no_grad():  # hidden_states[1]: the output of layer 0 (the last entry would carry the final norm)
+        h = hf(torch.from_numpy(prompts), output_hidden_states=True).hidden_states[1].numpy()
+    np.testing.assert_allclose(ours, h, atol=1e-4)
+
+
+def test_threshold_hidden_states_under_mesa_are_the_engines_chunks(ckpt):
+    """Under Mesa, a middle-chunk position sees only the first chunk and its own chunk: its state equals a
+    plain forward of exactly those tokens (transformers, positions 0.. as in the chunk's call)."""
+    import torch
+    import transformers
+
+    from export import loading
+
+    params = mesa.MesaParams(**MESA_T64)
+    prompts = np.random.default_rng(4).integers(3, 96, (1, 200))
+    ours = thresholds.hidden_states(ckpt, loading.load_config(ckpt), params, "mesa", prompts, 0)
+    middle = next(s for s in mesa.prefill_steps(200, params) if s.kind == "middle")
+    ids = np.concatenate([prompts[0, :params.first_chunk], prompts[0, middle.start:middle.stop]])
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        h = hf(torch.from_numpy(ids)[None], output_hidden_states=True).hidden_states[1][0].numpy()
+    np.testing.assert_allclose(ours[0, middle.start:middle.stop], h[params.first_chunk:], atol=1e-4)
 
 
 def test_thresholds_cli(ckpt, tmp_path, capsys):
-    code = thresholds.main([str(ckpt), "--layer", "1", "--lengths", "16,32,64,128,192", "--prompts", "3",
+    code = thresholds.main([str(ckpt), "--layer", "1", "--length", "192", "--bin", "16", "--prompts", "3",
                             "--dims", "2", "--push-widths", "4,8", "--out", str(tmp_path)])
     assert code == 0
     r = json.loads((tmp_path / "thresholds.json").read_text())
-    assert len(r["dims"]) == 2 and set(r["mesa_excursion"]) >= {"4", "8"}
-    origin = np.asarray(r["means"]["origin"])  # [lengths, dims]
-    for k, d in enumerate(r["dims"]):  # a crossing is reported exactly where the mean passes the threshold
+    assert len(r["dims"]) == 2 and set(r["last_chunk_excursion"]) >= {"origin", "mesa pw=4", "mesa pw=8"}
+    assert r["bins"][:2] == [0, 16]
+    origin = np.asarray(r["means"]["origin"])  # [bins, dims]
+    for k, d in enumerate(r["dims"]):  # the threshold is the trained range's extreme; a crossing is past T
         sign = 1 if d["direction"] == "up" else -1
-        beyond = [L for L, m in zip(r["lengths"], origin[:, k]) if L > 64 and sign * m > sign * d["threshold"]]
+        inside = [sign * m for b, m in zip(r["bins"], origin[:, k]) if b + 16 <= 64]
+        assert sign * d["threshold"] == pytest.approx(max(inside))
+        beyond = [b for b, m in zip(r["bins"], origin[:, k]) if b >= 64 and sign * m > sign * d["threshold"]]
         assert d["origin_crosses_at"] == (beyond[0] if beyond else None)
     assert (tmp_path / "thresholds.png").stat().st_size > 0
     assert thresholds.main([str(ckpt), "--layer", "9", "--out", str(tmp_path)]) == 2
