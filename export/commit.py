@@ -29,7 +29,9 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +43,15 @@ AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
 
 
 def fault(point: str) -> None:
-    """Testing only (tests/test_export_safety.py): MESA_EXPORT_FAULT=<point>[:TERM] makes the process
-    SIGKILL (or SIGTERM) itself when it reaches `point`, to prove what a crash there leaves. Points: the
-    start of each export stage (load, trace, passes, save, verify) and the commit.* steps below."""
+    """Testing only (tests/test_export_safety.py, test_export.py): MESA_EXPORT_FAULT=<point>[:TERM|:WAIT]
+    makes the process SIGKILL (or SIGTERM) itself when it reaches `point`, to prove what a crash there
+    leaves, or (WAIT) say so on stderr and sleep, for a test to interrupt it there. Points: the start of
+    each export stage (load, trace, passes, save, verify) and the commit.* steps below."""
     name, _, sig = os.environ.get(FAULT_ENV, "").partition(":")
-    if name == point:
+    if name == point and sig == "WAIT":
+        print(f"export paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(600)
+    elif name == point:
         os.kill(os.getpid(), signal.SIGTERM if sig == "TERM" else signal.SIGKILL)
 
 

@@ -182,6 +182,11 @@ def plot(result: dict, path: Path) -> None:
         left.plot(c, [r["tokens_per_s"] for r in rows], "o-", label=f"{name} prompts")
         line, = right.plot(c, [r["ttft_p50_s"] for r in rows], "o-", label=f"{name}: p50")
         right.plot(c, [r["ttft_p99_s"] for r in rows], "s--", color=line.get_color(), label=f"{name}: p99")
+        lengths = result["setting"]["workloads"][name]
+        if len(lengths) > 1:  # the goal's curve: the short prompts of the mixed workload
+            short = min(lengths)
+            right.plot(c, [by_length(r)[short]["ttft_p99_s"] for r in rows], "^:", color=line.get_color(),
+                       label=f"{name}: p99 of the {short}-token prompts")
     left.set_ylabel("generated tokens / s (all clients)")
     right.set_ylabel("time to first token (s)")
     right.set_yscale("log")

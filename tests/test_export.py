@@ -14,11 +14,19 @@ import numpy as np
 import onnx
 import pytest
 
+from export import commit
 from runtime import artifact, mesa, scheduler
 from runtime.backends import OrtStep
 from runtime.kv_cache import KVCache
-from tests.conftest import (OfficialCase, export_engine, greedy_sequence, hf_logits, reference, run_fixture,
-                            tiny_checkpoint)
+from tests.conftest import (
+    OfficialCase,
+    export_engine,
+    greedy_sequence,
+    hf_logits,
+    reference,
+    run_fixture,
+    tiny_checkpoint,
+)
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -156,12 +164,14 @@ def test_cli_help_names_the_paper_symbols():
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_export_leaves_nothing_complete(tmp_path, tiny, sig):
     out = tmp_path / "engine"
+    env = {**os.environ, commit.FAULT_ENV: "passes:WAIT"}  # the export pauses at its graph passes, mid-way
     proc = subprocess.Popen([sys.executable, str(REPO / "export.py"), "--model", str(tiny), "--max-len", "64",
-                             "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    # wait until the export is under way (its temporary directory exists), then interrupt it
+                             "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".engine.partial-*")) and proc.poll() is None:
-        time.sleep(0.05)
+    for line in proc.stderr:  # wait until it is there, then interrupt it
+        if "export paused at passes" in line or time.time() > deadline:
+            break
+    assert list(tmp_path.glob(".engine.partial-*")), "the export should be under way"
     proc.send_signal(sig)
     proc.wait(timeout=120)
     assert not out.exists()
