@@ -165,8 +165,11 @@ def test_cli_help_names_the_paper_symbols():
 def test_interrupted_export_leaves_nothing_complete(tmp_path, tiny, sig):
     out = tmp_path / "engine"
     env = {**os.environ, commit.FAULT_ENV: "passes:WAIT"}  # the export pauses at its graph passes, mid-way
+    # a job started in the background by a non-interactive shell (nohup, CI runners) inherits SIGINT as
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the export a terminal's default
     proc = subprocess.Popen([sys.executable, str(REPO / "export.py"), "--model", str(tiny), "--max-len", "64",
-                             "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+                             "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     for line in proc.stderr:  # wait until it is there, then interrupt it
         if "export paused at passes" in line or time.time() > deadline:
