@@ -20,6 +20,7 @@ graph_ops/precision.py: activations are quantized per call (dynamic), not with s
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import tempfile
@@ -87,10 +88,9 @@ def linear_inputs(model) -> dict[str, str]:
 
 def _module(node) -> str:
     """model.layers.0.self_attn.q_proj for the MatMul of that nn.Linear (torch.onnx records the scopes)."""
-    try:
-        scopes = json.loads(node.metadata_props.get("pkg.torch.onnx.name_scopes", "").replace("'", '"'))
-        return scopes[-2]
-    except (ValueError, IndexError):
+    try:  # a Python list literal, e.g. "['', 'model.layers.0', ..., 'model.layers.0.self_attn.q_proj', 'linear']"
+        return ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", ""))[-2]
+    except (ValueError, SyntaxError, IndexError, TypeError):
         return node.inputs[1].name
 
 

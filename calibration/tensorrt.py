@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import TRT_CALIBRATION_TABLE
-
+from runtime.backends import TRT_CACHE_DIR, TRT_CALIBRATION_TABLE
 
 
 def write_table(data: dict, folder: Path) -> Path:
@@ -52,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from calibration import data
     from runtime.artifact import ArtifactError, load_manifest
-    from runtime.backends import TRT_CACHE_DIR
     from runtime.errors import EngineError
 
     engine = Path(args.engine)

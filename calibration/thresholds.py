@@ -96,7 +96,7 @@ def excursion(values: np.ndarray, rows: list[dict]) -> float:
     worst = -np.inf
     for r in rows:
         sign = 1.0 if r["direction"] == "up" else -1.0
-        gap = (sign * np.atleast_2d(values)[:, r["dim"]] - sign * r["threshold"]).max()
+        gap = (sign * values[:, r["dim"]] - sign * r["threshold"]).max()
         worst = max(worst, float(gap / (abs(r["threshold"]) + 1e-6)))
     return worst
 
@@ -125,9 +125,7 @@ def analyse(source: str | Path, layer: int = 2, length: int | None = None, n_pro
     dims = pick_dims(starts, origin, T, n_dims)
     rows = thresholds(starts, origin, T, dims)
     candidates = sorted(set(push_widths or [p for p in (2, 4, 8, 16, 32, 64) if p < T]) | {params.push_width})
-    last = {pw: mesa.prefill_steps(length, mesa.MesaParams(**{**params.as_dict(), "push_width": pw}))[-1].start
-            for pw in candidates}  # DynamicSplit does not depend on pw: one last chunk for all
-    first_last = min(last.values())
+    first_last = mesa.prefill_steps(length, params)[-1].start  # DynamicSplit does not use pw: one last chunk for all
     curves = {"origin": origin}
     last_chunk = {"origin": raw[:, first_last:].mean(axis=0)}  # [positions, hidden]: mean over prompts
     for pw in candidates:

@@ -46,8 +46,8 @@ def default_precision(target: str) -> str:
 
 
 def float_dtype(precision: str) -> str:
-    """The float type of what a quantized engine keeps unquantized (graph_ops.precision.float_dtype)."""
-    return precision if precision in ("fp32", "fp16", "bf16") else "fp32"
+    """The float type of what a quantized engine keeps unquantized (all of a float engine)."""
+    return "fp32" if precision.startswith("int") else precision
 
 
 def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa",

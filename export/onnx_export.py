@@ -124,17 +124,14 @@ def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: li
 def generation_block(path: Path, cfg) -> dict:
     """The manifest's generation defaults: generation_config.json where the checkpoint has one (what
     transformers' generate() reads), else config.json's eos_token_id."""
-    file = path / "generation_config.json"
+    file, gen, source = path / "generation_config.json", {}, "config.json"
     if file.is_file():
         try:
-            gen = json.loads(file.read_text(encoding="utf-8"))
+            gen, source = json.loads(file.read_text(encoding="utf-8")), file.name
         except ValueError as e:
             raise loading.ModelLoadError(f"{file} is not JSON: {e}") from None
-        if "eos_token_id" not in gen:  # transformers falls back to the model config's
-            gen["eos_token_id"] = getattr(cfg, "eos_token_id", None)
-        return artifact.generation_defaults(gen, "generation_config.json")
-    return artifact.generation_defaults({"eos_token_id": getattr(cfg, "eos_token_id", None)}, "config.json")
-
+    gen.setdefault("eos_token_id", getattr(cfg, "eos_token_id", None))  # transformers falls back to config's
+    return artifact.generation_defaults(gen, source)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")

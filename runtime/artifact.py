@@ -61,9 +61,8 @@ def cache_contract(m: "Manifest") -> dict:
     """The manifest's `cache` block: the cache layout every step reads (pre-RoPE keys), the rule by
     which a caller writes a step's new rows, and for in-place-decode graphs the per-layer decode
     caches (keys rotated at their Stair-PE positions) with the names of their inputs and outputs."""
-    names = {t.name if isinstance(t, TensorSpec) else t["name"] for t in m.inputs}
     decode = None
-    if DECODE_INPUTS[0] in names:
+    if any(t.name == DECODE_INPUTS[0] for t in m.inputs):  # __post_init__ has made them TensorSpecs
         decode = {"rule": "in_place", "flag": DECODE_INPUTS[0], "past": DECODE_CACHE.format("{kind}", "{layer}"),
                   "present": DECODE_PRESENT.format("{kind}", "{layer}"), "layout": list(DECODE_LAYOUT),
                   "keys": "rotated", "rope_table": ROPE_FILE, "inputs": list(DECODE_INPUTS[1:])}

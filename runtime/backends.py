@@ -99,21 +99,28 @@ class OrtStep:
 
     def _unread_caches(self, batch: int) -> dict:
         """k_cache / v_cache for a decode call: the decode branch reads neither, but the graph takes its
-        batch size from them. Zeros from calloc: their pages are never touched, so they cost no memory."""
+        batch size from them."""
         if batch not in self._unread:
-            arg = next(a for a in self.session.get_inputs() if a.name == "k_cache")
-            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
-            zeros = np.zeros((arg.shape[0], batch, *arg.shape[2:]), dtype=dtype)
+            layers, _, *rest = self._input("k_cache").shape
+            zeros = self._zeros_like("k_cache", (layers, batch, *rest))
             self._unread[batch] = {"k_cache": zeros, "v_cache": zeros}
         return self._unread[batch]
 
     def _idle(self):
         if self._idle_cache is None:
-            arg = next(a for a in self.session.get_inputs() if a.name == DECODE_CACHE.format("key", 0))
-            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
-            zeros = np.zeros((self.layers, 1, *arg.shape[1:]), dtype=dtype)  # calloc: pages stay unallocated
+            name = DECODE_CACHE.format("key", 0)
+            zeros = self._zeros_like(name, (self.layers, 1, *self._input(name).shape[1:]))
             self._idle_cache = type("IdleCache", (), {"k": zeros, "v": zeros})
         return self._idle_cache
+
+    def _input(self, name: str):
+        return next(a for a in self.session.get_inputs() if a.name == name)
+
+    def _zeros_like(self, name: str, shape: tuple) -> np.ndarray:
+        """Zeros of graph input `name`'s float type, never written: calloc leaves their pages unallocated,
+        so they cost no memory."""
+        dtype = np.float16 if self._input(name).type == "tensor(float16)" else np.float32
+        return np.zeros(shape, dtype=dtype)
 
     def _cache_values(self, cache, lo: int, hi: int) -> list:
         """OrtValues over rows lo:hi of every layer's decode cache (views: no copy), made once per range:

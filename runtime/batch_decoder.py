@@ -68,9 +68,7 @@ class InplaceDecoder:
     def drop(self, work) -> None:
         """A sequence that ends before its prefill finished: its buffer's pages go back, the buffer is free."""
         if work in self._buffer:
-            buffer = self.prefills[self._buffer[work]]
-            for layer in range(buffer.shape.layers):
-                buffer.release_layer(layer)
+            self.prefills[self._buffer[work]].release()
             self._free_buffers.append(self._buffer.pop(work))
 
     def decode(self, batch) -> np.ndarray:

@@ -40,6 +40,11 @@ class KVCache:
             if stop > start:
                 mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
+    def release(self) -> None:
+        """Drop every layer's pages (a prefill that ended early)."""
+        for layer in range(self.shape.layers):
+            self.release_layer(layer)
+
     def write(self, pos: int, new_k: np.ndarray, new_v: np.ndarray) -> None:
         """Store the rows of one step ([layers, 1, kv_heads, q, head_dim]) at [pos, pos + q)."""
         q = new_k.shape[3]

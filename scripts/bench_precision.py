@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from scripts.bench import ints, spawn  # noqa: E402
 from scripts.bench_limits import machine  # noqa: E402
-from scripts.bench_model import make_model_m  # noqa: E402
+from scripts.bench_model import MODEL_M, make_model_m  # noqa: E402
 from scripts.bench_workers import export_ours, log  # noqa: E402
 
 PRECISIONS = ("fp32", "int8", "int4", "int8-int4")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}", max_len, "ort-cpu", p)
                    for p in args.precisions}
         result["speed"] = speed(args, engines)
-        result["errors"] = logit_errors(engines, args.error_length, 32000)
+        result["errors"] = logit_errors(engines, args.error_length, MODEL_M["vocab_size"])
     if not args.skip_passkey:
         result["passkey"] = passkey_accuracy(args, work)
     result["wall_s"] = time.perf_counter() - t0

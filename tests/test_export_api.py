@@ -59,9 +59,10 @@ def test_an_existing_directory_is_refused_without_force(tiny, tmp_path):
 
 
 def test_the_api_knows_the_pipeline_targets():
-    from graph_ops import pipeline
+    from graph_ops import pipeline, precision
 
     assert api.TARGETS == pipeline.TARGETS
+    assert api.PRECISIONS == precision.PRECISIONS
 
 
 def test_manifest_contract_blocks(tiny, tmp_path):
