@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.artifact import Manifest
-
-METHODS = ("mesa", "origin")
+from runtime.methods import METHODS
 TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")  # graph_ops.pipeline.TARGETS (not imported: seconds)
 # graph_ops.precision.PRECISIONS (not imported: seconds); fp* are float engines, int* quantize MatMul weights
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-int4")
@@ -52,18 +51,22 @@ def float_dtype(precision: str) -> str:
 
 def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa",
                   params: dict | None = None, target: str = "ort-cpu", precision: str | None = None,
-                  force: bool = False, verify: bool = True, progress: bool = True) -> Manifest:
+                  force: bool = False, verify: bool = True, progress: bool = True,
+                  method_params: dict | None = None) -> Manifest:
     """Export `model` (an alias, a local HF folder, or an HF id in the local cache) to the engine directory
     `out` and return its manifest.
 
-    max_len: longest sequence (prompt + generated tokens) the engine serves; method: mesa | origin;
-    params: MesaParams fields overriding the alias preset / the default rule (mesa.default_params);
+    max_len: longest sequence (prompt + generated tokens) the engine serves; method: one of METHODS
+    (runtime/methods.py: mesa, origin, rerope, leaky-rerope, self-extend, streaming-llm, lm-infinite,
+    dynamic-ntk, yarn); params: MesaParams fields overriding the alias preset / the default rule
+    (mesa.default_params; train_length is also the T every other method starts from); method_params: the
+    other methods' parameters over their defaults (methods.default_method);
     target: portable | ort-cpu | ort-cuda | tensorrt; precision: fp32 | fp16 | bf16 (a float engine of that
     type; default fp16 for ort-cuda and tensorrt, else fp32) or int8 | int4 | int8-int4 (MatMul weights
     quantized, the rest fp32; ort-cpu only; graph_ops/precision.py says how); force: replace `out` if it is an engine directory
     or empty; verify: check the engine against the PyTorch reference; progress: a bar on stderr."""
     return run_export(model, out, max_len=max_len, method=method, params=params, target=target, precision=precision,
-                      force=force, verify=verify, progress=progress).manifest
+                      force=force, verify=verify, progress=progress, method_params=method_params).manifest
 
 
 def errors() -> tuple[type[Exception], ...]:
@@ -119,11 +122,11 @@ def _stderr(line: str) -> None:
 
 
 def preflight_checks(model, out: Path, max_len: int, method: str, params: dict | None, force: bool, dtype: str,
-                     log: Callable[[str], None] = _stderr):
+                     log: Callable[[str], None] = _stderr, method_params: dict | None = None):
     """Everything that can refuse the export, cheapest first, before the weights are read: (path, alias,
-    config, params). The `out` checks come before torch is even imported."""
+    config, params, the runtime.methods.Method or None). The `out` checks come before torch is even imported."""
     from export import commit, loading, preflight
-    from runtime import mesa
+    from runtime import mesa, methods
 
     path, alias = loading.resolve_model(str(model))
     for line in commit.sweep(out):  # first: it may put back an engine a dead export had moved aside
@@ -138,14 +141,23 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     preflight.check_memory(max_len, head_dim, config.num_hidden_layers, kv_heads, dtype)
     check_lengths(max_len, method, mesa_params)  # O(max_len): after the memory check has refused absurd lengths
+    given = dict(method_params or {})
+    rope = loading.rope_config(config)
+    if method in ("dynamic-ntk", "yarn") and rope.linear_factor != 1.0:
+        raise mesa.MesaParamError(f"--method {method} replaces the checkpoint's linear RoPE scaling; "
+                                  "export a checkpoint without rope_scaling")
+    if method == "dynamic-ntk":
+        given.setdefault("rope_theta", rope.rope_theta)
+    method_obj = methods.default_method(method, mesa_params.train_length, max_len, given)
     shapes = loading.tensor_shapes(path)
     preflight.check_disk(out, preflight.engine_bytes(shapes, dtype, max_len, head_dim))
-    return path, alias, config, mesa_params
+    return path, alias, config, mesa_params, method_obj
 
 
 def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa", params: dict | None = None,
                target: str = "ort-cpu", precision: str | None = None, force: bool = False,
-               verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr) -> ExportResult:
+               verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr,
+               method_params: dict | None = None) -> ExportResult:
     """export_engine with what the CLI's summary needs (op counts, the verify report); `log` gets the
     warning lines and what the sweep of dead exports' leftovers did."""
     from export import commit
@@ -157,7 +169,8 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
         check_options(method, target, precision, max_len)
         dtype = float_dtype(precision)
         max_len = int(max_len)  # numpy integers too; the manifest is JSON
-        path, alias, config, mesa_params = preflight_checks(model, out, max_len, method, params, force, dtype, log)
+        path, alias, config, mesa_params, method_obj = preflight_checks(model, out, max_len, method, params, force,
+                                                                        dtype, log, method_params)
         from tqdm import tqdm
 
         from export import onnx_export
@@ -173,14 +186,15 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
             commit.fault(name)
 
         stage("load")
-        lm = onnx_export.build_model(path, config, mesa_params, method, max_len, dtype, alias)
+        lm = onnx_export.build_model(path, config, mesa_params, method, max_len, dtype, alias, method_obj)
         bar.update()
         stage("trace")
         graph = onnx_export.trace(lm)
         bar.update()
         stage("passes")
         passes, decode_graph = pipeline.export_graphs(
-            graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"))
+            graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"),
+            method=method)
         bar.update()
 
         manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target, precision, decode_graph)

@@ -21,6 +21,9 @@ PARAM_FLAGS = (  # flag, MesaParams field, paper symbol, help
     ("--push-width", "push_width", "pw", "keys per stair step of Stair PE (larger = more compression)"),
     ("--chunk-width", "chunk_width", "W0", "starting chunk width W for short prompts (default T)"),
 )
+# The other methods' parameters (runtime/methods.py PARAMETERS; defaults from T and max_len there).
+METHOD_FLAGS = (("--window", "window", int), ("--leaky-k", "k", float), ("--group", "group", int),
+                ("--sink", "sink", int), ("--block", "block", int), ("--factor", "factor", float))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,9 +41,19 @@ def parser() -> argparse.ArgumentParser:
                    help="longest sequence (prompt + generated tokens) the engine serves; sizes the KV cache")
     p.add_argument("--out", required=True, help="engine directory to write (refused if it exists, see --force)")
     p.add_argument("--method", choices=METHODS, default="mesa",
-                   help="mesa (default, the published method) or origin (plain RoPE, full attention)")
+                   help="mesa (default, the published method); origin (plain RoPE, full attention); or one of "
+                        "the baselines the paper compares against, with their own flags below: rerope, "
+                        "leaky-rerope, self-extend, streaming-llm, lm-infinite, dynamic-ntk, yarn "
+                        "(runtime/methods.py cites each definition)")
+    mesa_flags = p.add_argument_group("Mesa parameters (--train-length is also the T every other method starts from)")
     for flag, _, sym, text in PARAM_FLAGS:
-        p.add_argument(flag, type=int, default=None, metavar=sym, help=f"{sym}: {text}")
+        mesa_flags.add_argument(flag, type=int, default=None, metavar=sym, help=f"{sym}: {text}")
+    from runtime.methods import PARAMETERS
+
+    other = p.add_argument_group("parameters of the other methods (unset: the defaults runtime/methods.py "
+                                 "derives from T and --max-len)")
+    for flag, field, kind in METHOD_FLAGS:
+        other.add_argument(flag, type=kind, default=None, dest=f"method_{field}", help=PARAMETERS[field])
     p.add_argument("--target", choices=TARGETS, default="ort-cpu",
                    help="backend the graph passes optimise for: ort-cpu (default), ort-cuda, tensorrt, or portable "
                         "(no passes: the MesaAttention function runs as is on any ONNX Runtime)")
@@ -76,7 +89,8 @@ def api_kwargs(args) -> dict:
     """export.api.export_engine's keyword arguments for parsed export.py arguments (all but model and out)."""
     return dict(max_len=args.max_len, method=args.method, params={f: getattr(args, f) for _, f, _, _ in PARAM_FLAGS},
                 target=args.target, precision=args.precision, force=args.force,
-                verify=not args.no_verify)
+                verify=not args.no_verify,
+                method_params={f: getattr(args, f"method_{f}") for _, f, _ in METHOD_FLAGS})
 
 
 def export(args) -> int:
@@ -122,7 +136,8 @@ def summary(out: Path, manifest, ops: Counter, report: str) -> str:
         f"wrote {out} ({size / 2**20:.1f} MiB)",
         f"  method {manifest.method}, max_len {manifest.max_len}, precision {manifest.precision}, opset {manifest.opset}",
         f"  Mesa: T={p['train_length']} F={p['first_chunk']} Fc={p['first_chunk_cache']} C={p['last_context']} "
-        f"G={p['reserve_tokens']} pw={p['push_width']} W0={p['chunk_width']}",
+        f"G={p['reserve_tokens']} pw={p['push_width']} W0={p['chunk_width']}" if manifest.method == "mesa" else
+        f"  {manifest.method}: " + (" ".join(f"{k}={v}" for k, v in manifest.method_params.items()) or "plain RoPE"),
         f"  ops: {top}",
         f"  largest relative distance any step uses: {manifest.largest_distance}",
         f"  verify: {report}",

@@ -9,6 +9,7 @@ the exporter swaps it for the ONNX function of graph_ops/mesa_function.py.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from runtime import mesa
+from runtime import mesa, methods
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,26 @@ class RopeConfig:
     head_dim: int
     rope_theta: float = 10000.0
     linear_factor: float = 1.0  # rope_scaling {"rope_type": "linear", "factor": f}
+    yarn: methods.YaRN | None = None  # --method yarn: frequencies and cos/sin scale of runtime.methods.YaRN
+
+
+def inv_frequencies(rope: RopeConfig) -> Tensor:
+    """[head_dim // 2] float32, with transformers' exact torch expressions (default, linear, yarn): a
+    numpy pow can differ from torch's by one ulp, which grows with the position."""
+    d = rope.head_dim
+    pos_freqs = rope.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d)
+    if rope.yarn is not None:
+        keep = torch.from_numpy(rope.yarn.extrapolation_weight(rope.rope_theta, d))
+        return (1.0 / (rope.yarn.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return (1.0 / pos_freqs) / rope.linear_factor
 
 
 def rope_tables(max_len: int, rope: RopeConfig) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_len, head_dim // 2], float32, with HF Llama's exact torch expressions: a numpy
-    pow can differ from torch's by one ulp in inv_freq, which grows with the position."""
-    d = rope.head_dim
-    inv_freq = 1.0 / (rope.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d))
-    inv_freq = inv_freq / rope.linear_factor
+    """cos, sin [max_len, head_dim // 2], float32 (times YaRN's attention factor, as transformers)."""
+    inv_freq = inv_frequencies(rope)
     angles = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    scale = rope.yarn.attention_factor if rope.yarn is not None else 1.0
+    return angles.cos() * scale, angles.sin() * scale
 
 
 @dataclass
@@ -112,6 +123,67 @@ def _(q, k, v, k_cache, v_cache, cos, sin, sink_len, window_start, write_pos, ch
     return torch.empty_like(q)
 
 
+def _rotate_at(x: Tensor, positions: np.ndarray, inv_freq: Tensor) -> Tensor:
+    angles = torch.from_numpy(np.asarray(positions, np.float32))[:, None] * inv_freq[None, :]
+    return apply_rope(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+
+
+def _attend(q_r: Tensor, k_r: Tensor, values: Tensor, visible: Tensor, pick=None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over visible pairs; `pick` = (near, q2_r, k2_r): far pairs scored by q2, k2."""
+    groups = q_r.shape[1] // k_r.shape[1]
+    d = math.sqrt(q_r.shape[-1])
+    scores = (q_r @ k_r.repeat_interleave(groups, dim=1).transpose(-1, -2)).float() / d
+    if pick is not None:
+        near, q2_r, k2_r = pick
+        far = (q2_r @ k2_r.repeat_interleave(groups, dim=1).transpose(-1, -2)).float() / d
+        scores = torch.where(torch.from_numpy(near), scores, far)
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    return scores.softmax(dim=-1).to(values.dtype) @ values.repeat_interleave(groups, dim=1)
+
+
+@torch.library.custom_op("mesa::method_attention", mutates_args=())
+def method_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, inv_freq: Tensor,
+    sink_len: Tensor, window_start: Tensor, write_pos: Tensor, layer: int, method: str, params: str,
+) -> Tensor:
+    """Attention of one step for the methods of runtime/methods.py with an op of their own (pair
+    methods, dynamic-ntk); the reference of graph_ops/methods_op.py. Same tensors as mesa::attention."""
+    m = methods.CLASSES[method](**json.loads(params))
+    a, b, w = (int(t) for t in (sink_len, window_start, write_pos))
+    kc, vc = k_cache[layer], v_cache[layer]
+    step = mesa.Step(w, w + q.shape[2], a, b, 1)
+    (s0, s1), (w0, w1), _ = step.visible_ranges
+    keys = torch.cat((kc[:, :, s0:s1], kc[:, :, w0:w1], k), dim=2)
+    values = torch.cat((vc[:, :, s0:s1], vc[:, :, w0:w1], v), dim=2)
+    kp, qp = methods.call_positions(step)
+    visible = torch.from_numpy(qp[:, None] >= kp[None, :])
+    if isinstance(m, methods.DynamicNTK):
+        inv = _dynamic_inv_freq(m, int(kp.max()) + 1, q.shape[-1])
+        return _attend(_rotate_at(q, qp, inv), _rotate_at(keys, kp, inv), values, visible)
+    e = m.encode(step)
+    qs = q * torch.from_numpy(e.scale).to(q.dtype)[:, None]
+    if q.shape[2] == 1:  # decode: one pass, far keys rotated to their method distance
+        return _attend(_rotate_at(qs, e.p1_q, inv_freq), _rotate_at(keys, methods.single_pass_key_positions(e),
+                                                                     inv_freq), values, visible)
+    pick = None
+    if not e.near[qp[:, None] >= kp[None, :]].all():
+        pick = (e.near, _rotate_at(qs, e.p2_q, inv_freq), _rotate_at(keys, e.p2_k, inv_freq))
+    return _attend(_rotate_at(qs, e.p1_q, inv_freq), _rotate_at(keys, e.p1_k, inv_freq), values, visible, pick)
+
+
+def _dynamic_inv_freq(m: methods.DynamicNTK, kv_len: int, d: int) -> Tensor:
+    """transformers' dynamic-NTK frequencies for a call of S = kv_len keys, with its torch expressions
+    (the base in float32: transformers computes it from a tensor seq_len)."""
+    seq = torch.tensor(max(kv_len, m.train_length), dtype=torch.int64)
+    base = m.rope_theta * ((m.factor * seq / m.train_length) - (m.factor - 1)) ** (d / (d - 2))
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d))
+
+
+@method_attention.register_fake
+def _(q, k, v, k_cache, v_cache, inv_freq, sink_len, window_start, write_pos, layer, method, params):
+    return torch.empty_like(q)
+
+
 # ------------------------------------------------------------------------------ the decoder
 
 class RMSNorm(nn.Module):
@@ -126,8 +198,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def own_op(method: methods.Method | None) -> bool:
+    """Whether a method runs mesa::method_attention (else mesa::attention, with its step scalars)."""
+    return method is not None and (method.pairs or isinstance(method, methods.DynamicNTK))
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int]):
+    def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int], method: methods.Method | None = None):
         super().__init__()
         h, kv, d, bias = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.attention_bias
         self.q_proj = nn.Linear(args.hidden_size, h * d, bias=bias)
@@ -137,16 +214,23 @@ class Attention(nn.Module):
         self.shape = (h, kv, d)
         self.layer = layer
         self.train_length, self.push_width = mesa_attrs
+        self.method = method if own_op(method) else None
+        self.method_json = json.dumps(method.as_dict(), sort_keys=True) if self.method else ""
 
-    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, rope: tuple[Tensor, Tensor, Tensor],
                 scalars: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         B, n, _ = x.shape
         h, kv, d = self.shape
         q = self.q_proj(x).view(B, n, h, d).transpose(1, 2)
         k = self.k_proj(x).view(B, n, kv, d).transpose(1, 2)
         v = self.v_proj(x).view(B, n, kv, d).transpose(1, 2)
-        out = torch.ops.mesa.attention(q, k, v, k_cache, v_cache, cos, sin, *scalars,
-                                       self.layer, self.train_length, self.push_width)
+        cos, sin, inv_freq = rope
+        if self.method is not None:
+            out = torch.ops.mesa.method_attention(q, k, v, k_cache, v_cache, inv_freq, *scalars[:3],
+                                                  self.layer, self.method.name, self.method_json)
+        else:
+            out = torch.ops.mesa.attention(q, k, v, k_cache, v_cache, cos, sin, *scalars,
+                                           self.layer, self.train_length, self.push_width)
         return self.o_proj(out.transpose(1, 2).reshape(B, n, h * d)), k, v
 
 
@@ -162,24 +246,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int]):
+    def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int], method=None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, layer, mesa_attrs)
+        self.self_attn = Attention(args, layer, mesa_attrs, method)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, k_cache, v_cache, cos, sin, scalars):
-        attn, k, v = self.self_attn(self.input_layernorm(x), k_cache, v_cache, cos, sin, scalars)
+    def forward(self, x, k_cache, v_cache, rope, scalars):
+        attn, k, v = self.self_attn(self.input_layernorm(x), k_cache, v_cache, rope, scalars)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class Backbone(nn.Module):  # named like HF's `model.` prefix so checkpoints load by name
-    def __init__(self, args: ModelArgs, mesa_attrs: tuple[int, int]):
+    def __init__(self, args: ModelArgs, mesa_attrs: tuple[int, int], method=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, mesa_attrs) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i, mesa_attrs, method) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -187,10 +271,11 @@ class MesaDecoder(nn.Module):
     """forward(input_ids, k_cache, v_cache, sink_len, window_start, write_pos, chunk_width, logits_to_keep)
     -> (logits [B, logits_to_keep, vocab], new_keys, new_values [layers, B, Hkv, q, d])."""
 
-    def __init__(self, args: ModelArgs, max_len: int, train_length: int, push_width: int):
+    def __init__(self, args: ModelArgs, max_len: int, train_length: int, push_width: int,
+                 method: methods.Method | None = None):
         super().__init__()
         self.args, self.max_len = args, max_len
-        self.model = Backbone(args, (train_length, push_width))
+        self.model = Backbone(args, (train_length, push_width), method)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.reset_rope_tables()
 
@@ -200,15 +285,17 @@ class MesaDecoder(nn.Module):
             cos, sin = rope_tables(self.max_len, self.args.rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        with torch.device("cpu"):
+            self.register_buffer("rope_inv_freq", inv_frequencies(self.args.rope), persistent=False)
 
     def forward(self, input_ids: Tensor, k_cache: Tensor, v_cache: Tensor, sink_len: Tensor,
                 window_start: Tensor, write_pos: Tensor, chunk_width: Tensor, logits_to_keep: Tensor):
         scalars = (sink_len, window_start, write_pos, chunk_width)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype)
+        rope = (self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype), self.rope_inv_freq)
         new_k, new_v = [], []
         for layer in self.model.layers:
-            x, k, v = layer(x, k_cache, v_cache, cos, sin, scalars)
+            x, k, v = layer(x, k_cache, v_cache, rope, scalars)
             new_k.append(k)
             new_v.append(v)
         n = logits_to_keep.item()

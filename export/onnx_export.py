@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -14,8 +15,8 @@ import torch
 
 from export import loading
 from export.model import MesaDecoder, ModelArgs
-from graph_ops import mesa_op
-from runtime import artifact, mesa
+from graph_ops import mesa_op, methods_op
+from runtime import artifact, mesa, methods
 from runtime.kv_cache import CacheShape
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,6 +35,7 @@ class LoadedModel:
     method: str
     max_len: int
     dtype: str
+    method_obj: methods.Method | None = None  # runtime/methods.py's; None for mesa and origin
 
     @property
     def cache_shape(self) -> CacheShape:
@@ -42,19 +44,22 @@ class LoadedModel:
 
 
 def build_model(path: Path, config, params: mesa.MesaParams, method: str, max_len: int, dtype: str,
-                alias: loading.Alias | None = None) -> LoadedModel:
+                alias: loading.Alias | None = None, method_obj: methods.Method | None = None) -> LoadedModel:
     """Build MesaDecoder on the meta device and assign the checkpoint's tensors: one copy in memory.
     The checkpoint's names and shapes are checked against the model first, from the file headers, so a
     mismatch is one ModelLoadError before any tensor data is read."""
-    args = ModelArgs.from_hf_config(config, loading.rope_config(config))
+    rope = loading.rope_config(config)
+    if isinstance(method_obj, methods.YaRN):
+        rope = dataclasses.replace(rope, yarn=method_obj)
+    args = ModelArgs.from_hf_config(config, rope)
     g = mesa.graph_params(params, method, max_len)
     with torch.device("meta"):
-        model = MesaDecoder(args, max_len, g.train_length, g.push_width)
+        model = MesaDecoder(args, max_len, g.train_length, g.push_width, method_obj)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loading.check_tensors(path, expected, loading.tensor_shapes(path))
     model.reset_rope_tables()
     model.load_hf_state_dict(loading.load_state_dict(path, dtype=DTYPES[dtype]))
-    return LoadedModel(model.eval(), config, path, alias, params, method, max_len, dtype)
+    return LoadedModel(model.eval(), config, path, alias, params, method, max_len, dtype, method_obj)
 
 
 def example_inputs(lm: LoadedModel, q: int = 5):
@@ -74,12 +79,15 @@ def trace(lm: LoadedModel) -> ir.Model:
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
             lm.model, example_inputs(lm), dynamo=True, opset_version=mesa_op.OPSET,
-            custom_translation_table={torch.ops.mesa.attention.default: mesa_op.mesa_attention_translation},
+            custom_translation_table={torch.ops.mesa.attention.default: mesa_op.mesa_attention_translation,
+                                      torch.ops.mesa.method_attention.default:
+                                          methods_op.method_attention_translation},
             input_names=list(artifact.STEP_INPUTS), output_names=list(artifact.STEP_OUTPUTS),
             dynamic_shapes=dynamic, optimize=True, verbose=False,
         )
     model = program.model
-    fn = ir.serde.deserialize_function(mesa_op.function_proto())
+    own = lm.method if lm.method in methods_op.OPS else None
+    fn = ir.serde.deserialize_function(methods_op.function_proto(own) if own else mesa_op.function_proto())
     model.functions[fn.identifier()] = fn
     model.graph.outputs[0].shape = ir.Shape(["batch", "logits_to_keep", lm.model.args.vocab_size])
     return model
@@ -106,7 +114,9 @@ def make_manifest(lm: LoadedModel, model: ir.Model, source_name: str, passes: li
         method=lm.method, params=lm.params.as_dict(), max_len=lm.max_len, dtype=lm.dtype,
         opset=mesa_op.OPSET, vocab_size=a.vocab_size, num_hidden_layers=a.num_hidden_layers,
         num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
-        largest_distance=mesa.largest_distance(lm.max_len, lm.params, lm.method),
+        largest_distance=(mesa.largest_distance(lm.max_len, lm.params, lm.method) if lm.method_obj is None
+                          else lm.method_obj.largest_distance(lm.max_len)),
+        method_params={} if lm.method_obj is None else lm.method_obj.as_dict(),
         inputs=tensor_specs(model.graph.inputs), outputs=tensor_specs(model.graph.outputs),
         source={"model": source_name, "path": str(lm.path), "architecture": cfg.architectures[0],
                 "config_sha256": config_hash(lm.path)},
@@ -160,6 +170,8 @@ def write_engine(directory: Path, model: ir.Model, source: Path, decode_graph: i
 def write_rope_tables(directory: Path, model: ir.Model) -> None:
     """The graph's own cos/sin initializers, for the runtime's re-rotation of the decode cache
     (runtime/decode_cache.py): recomputing them in numpy differs from HF's float32 tables."""
+    if "rope_cos" not in model.graph.initializers:  # methods with an op of their own rotate in the graph
+        return
     cos, sin = (model.graph.initializers[name].const_value.numpy() for name in ("rope_cos", "rope_sin"))
     np.save(directory / artifact.ROPE_FILE, np.stack([cos, sin]).astype(np.float32))
 

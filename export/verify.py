@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from export.reference import TorchStep
-from runtime import artifact, mesa, scheduler
+from runtime import artifact, mesa, methods, scheduler
 from runtime.backends import OrtStep
 from runtime.batch_decoder import make_decoder
 from runtime.sequence import replay
@@ -37,12 +37,13 @@ class Smoke:
     cache_dtype: type
     dtype: str
     params: mesa.MesaParams
+    method: methods.Method | None = None  # runtime/methods.py's, None for mesa and origin
     logits: np.ndarray | None = None  # the reference's: prompt positions + one decode step
 
 
 def smoke_run(step_fn, smoke: Smoke) -> np.ndarray:
     cache = KVCache(smoke.cache_shape, dtype=smoke.cache_dtype)
-    logits, seq = scheduler.prefill(step_fn, smoke.ids, smoke.steps, cache)
+    logits, seq = scheduler.prefill(step_fn, smoke.ids, smoke.steps, cache, method=smoke.method)
     row = scheduler.decode(step_fn, int(np.argmax(logits[-1])), seq, cache)
     return np.concatenate([logits, row[None]], axis=0)
 
@@ -53,17 +54,20 @@ def engine_run(directory: Path, smoke: Smoke) -> np.ndarray:
     step = OrtStep(directory / artifact.MODEL_FILE)
     decode_graph = directory / artifact.DECODE_MODEL_FILE  # int8-int4: decode steps run their own graph
     decode_fn = OrtStep(decode_graph) if decode_graph.is_file() else None
-    decoder = make_decoder(step, smoke.cache_shape, 1, directory, smoke.params, smoke.cache_dtype, decode_fn)
+    decoder = make_decoder(step, smoke.cache_shape, 1, directory, smoke.params, smoke.cache_dtype, decode_fn,
+                           smoke.method)
     prefill, decode = replay(step, decoder, smoke.ids, smoke.steps, [int(np.argmax(smoke.logits[-2]))])
     return np.concatenate([prefill, decode], axis=0)
 
 
 def reference_run(lm) -> Smoke:
-    """The reference decoder on a short random prompt that has a first and a last chunk."""
+    """The reference decoder on a short random prompt that has a first and a last chunk (Mesa), or
+    that runs past the trained length (the other methods: far pairs, more than one block)."""
     a = lm.model.args
-    n = max(1, min(lm.max_len - 1, lm.params.first_chunk + 4))
+    n = lm.params.first_chunk + 4 if lm.method_obj is None else lm.params.train_length + 8
+    n = max(1, min(lm.max_len - 1, n))
     smoke = Smoke(ids=np.random.default_rng(0).integers(0, a.vocab_size, n, dtype=np.int64),
-                  steps=mesa.prefill_steps(n, lm.params, lm.method),
+                  steps=methods.prefill_steps(n, lm.params, lm.method, lm.method_obj), method=lm.method_obj,
                   cache_shape=lm.cache_shape,
                   cache_dtype=np.float16 if lm.dtype == "fp16" else np.float32, dtype=lm.dtype,
                   params=mesa.graph_params(lm.params, lm.method, lm.max_len))

@@ -32,7 +32,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, precision, step_positions, tensorrt_ops
+from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, methods_op, precision, step_positions, tensorrt_ops
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ PRECISIONS = precision.PRECISIONS
 # Measured (scripts/bench_passes.py, model M, 8k prompt, 2-core CPU, medians of 3): prefill / decode at 8k
 # gqa 22.3 s / 119 ms, attention 28.6 s / 82 ms, auto 22.2 s / 85 ms (portable: 36.4 s / 102 ms).
 ORT_CPU_KERNEL = "inplace"
+# Methods whose cached keys keep their positions from step to step, which the in-place decode cache needs;
+# the others (the call's own positions: streaming-llm) lower MesaAttention with `auto` on ort-cpu.
+INPLACE_METHODS = ("mesa", "origin", "yarn")
 
 
 class PassError(RuntimeError):
@@ -104,13 +107,19 @@ PIPELINES: dict[str, list[GraphPass]] = {
 }
 
 
-def passes_for(target: str, precision_: str = "fp32") -> list[GraphPass]:
-    """The passes of the graph an engine's prefill steps run (and, but for int8-int4, its decode steps)."""
+def passes_for(target: str, precision_: str = "fp32", method: str = "mesa") -> list[GraphPass]:
+    """The passes of the graph an engine's prefill steps run (and, but for int8-int4, its decode steps).
+    Methods with an op of their own (graph_ops/methods_op.py) have no MesaAttention to lower or fuse; the
+    others but INPLACE_METHODS lower with `auto` on ort-cpu."""
     if target not in PIPELINES:
         raise PassError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision_ not in PRECISIONS:
         raise PassError(f"unknown precision {precision_!r}; choose one of {', '.join(PRECISIONS)}")
     passes = list(PIPELINES[target])
+    if method in methods_op.OPS:
+        passes = [p for p in passes if p is not FUSE and not p.name.startswith("lower_attention")]
+    elif target == "ort-cpu" and method not in INPLACE_METHODS:
+        passes[0] = _lower("auto")
     if precision_ in precision.QUANTIZED_PRECISIONS:
         if target != "ort-cpu":
             raise PassError(f"--precision {precision_} (onnxruntime.quantization's CPU kernels) is for --target ort-cpu")
@@ -127,19 +136,20 @@ def _apply(model: ir.Model, passes: list[GraphPass], progress) -> list[str]:
 
 
 def run_passes(model: ir.Model, target: str, precision_: str = "fp32",
-               progress: Callable[[str], None] | None = None) -> list[str]:
+               progress: Callable[[str], None] | None = None, method: str = "mesa") -> list[str]:
     """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
-    return _apply(model, passes_for(target, precision_), progress)
+    return _apply(model, passes_for(target, precision_, method), progress)
 
 
 def export_graphs(model: ir.Model, target: str, precision_: str = "fp32",
-                  progress: Callable[[str], None] | None = None) -> tuple[list[str], ir.Model | None]:
+                  progress: Callable[[str], None] | None = None,
+                  method: str = "mesa") -> tuple[list[str], ir.Model | None]:
     """run_passes, and for int8-int4 the decode graph: the lowered float graph is copied before the int8
     pass and the copy quantized to int4 (weight traffic is what a decode step costs, MatMul rate what a
     prefill costs). Returns (the passes of `model`, the decode graph or None)."""
     if precision_ != "int8-int4":
-        return run_passes(model, target, precision_, progress), None
-    passes = passes_for(target, precision_)
+        return run_passes(model, target, precision_, progress, method), None
+    passes = passes_for(target, precision_, method)
     names = _apply(model, passes[:-1], progress)
     decode = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     _apply(decode, [QUANTIZE["int4"]], progress)

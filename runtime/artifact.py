@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime import mesa
+from runtime import mesa, methods
 from runtime.kv_cache import CacheShape
 
 MANIFEST = "mesa.json"
@@ -121,6 +121,7 @@ class Manifest:
     cache: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4 | int8-int4 (graph_ops/precision.py)
     decode_model: str | None = None  # DECODE_MODEL_FILE when decode steps run a graph of their own
+    method_params: dict = field(default_factory=dict)  # runtime/methods.py parameters; {} for mesa, origin
 
     def __post_init__(self):
         self.inputs = [t if isinstance(t, TensorSpec) else TensorSpec(**t) for t in self.inputs]
@@ -139,6 +140,11 @@ class Manifest:
     @property
     def mesa_params(self) -> mesa.MesaParams:
         return mesa.MesaParams(**self.params)
+
+    @property
+    def method_object(self) -> methods.Method | None:
+        """The runtime.methods.Method of the engine; None for mesa and origin."""
+        return methods.method_from_manifest(self.method, self.method_params)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -161,17 +167,21 @@ class Manifest:
             m.mesa_params
         except mesa.MesaParamError as e:
             raise ArtifactError(f"field params: {e}") from None
+        try:
+            m.method_object
+        except (TypeError, mesa.MesaParamError) as e:
+            raise ArtifactError(f"field method_params: {e}") from None
         return m
 
 
 @functools.cache
 def _validator():
     """mesa.schema.json's validator, with JSON integers only (1.0 is not an integer here) and the
-    methods this runtime knows (runtime.mesa.METHODS, which the file mirrors)."""
+    methods this runtime knows (runtime.methods.METHODS, which the file mirrors)."""
     import jsonschema
 
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
-    schema["properties"]["method"]["enum"] = list(mesa.METHODS)
+    schema["properties"]["method"]["enum"] = list(methods.METHODS)
     base = jsonschema.validators.validator_for(schema)
     strict = base.TYPE_CHECKER.redefine("integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
     return jsonschema.validators.extend(base, type_checker=strict)(schema)
@@ -200,8 +210,11 @@ def graph_metadata(m: Manifest) -> dict[str, str]:
     """The metadata_props entries model.onnx carries for its manifest (the exporter writes them, the
     runtime compares them at load): method, params and max_len readable, the contract as a hash."""
     d = asdict(m)
+    contract = {k: d[k] for k in CONTRACT_FIELDS}
+    if m.method_params:  # only then: engines of mesa and origin keep the hash they were exported with
+        contract["method_params"] = m.method_params
     return {"mesa.method": m.method, "mesa.params": json.dumps(d["params"], sort_keys=True),
-            "mesa.max_len": str(m.max_len), "mesa.contract_sha256": _sha256_json({k: d[k] for k in CONTRACT_FIELDS})}
+            "mesa.max_len": str(m.max_len), "mesa.contract_sha256": _sha256_json(contract)}
 
 
 def metadata_mismatch(found: dict[str, str], m: Manifest) -> str | None:

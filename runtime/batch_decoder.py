@@ -18,19 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import mesa, scheduler
+from runtime import mesa, methods, scheduler
 from runtime.artifact import ROPE_FILE
 from runtime.decode_cache import DecodeCache
 from runtime.kv_cache import CacheShape
 
 
 def make_decoder(step_fn, shape: CacheShape, slots: int, directory: Path, params: mesa.MesaParams,
-                 dtype=np.float32, decode_fn=None):
+                 dtype=np.float32, decode_fn=None, method: methods.Method | None = None):
     """The decoder an engine's graph calls for: in-place when it has the decode inputs. `decode_fn` runs
-    the decode steps when they have a graph of their own (int8-int4 engines); prefill runs `step_fn`."""
+    the decode steps when they have a graph of their own (int8-int4 engines); prefill runs `step_fn`.
+    `method`: a runtime/methods.py method, whose decode steps RowDecoder takes (None: Mesa's)."""
     if getattr(step_fn, "inplace", False):
         return InplaceDecoder(step_fn, shape, slots, np.load(Path(directory) / ROPE_FILE), params, dtype, decode_fn)
-    return RowDecoder(step_fn, shape, slots, dtype, decode_fn)
+    return RowDecoder(step_fn, shape, slots, dtype, decode_fn, method)
 
 
 class InplaceDecoder:
@@ -94,8 +95,8 @@ class InplaceDecoder:
 class RowDecoder:
     """Engines without in-place decode: each slot is a whole pre-RoPE cache and rows step one by one."""
 
-    def __init__(self, step_fn, shape: CacheShape, slots: int, dtype=np.float32, decode_fn=None):
-        self.step_fn, self.slots, self.cache_max_len = step_fn, slots, shape.max_len
+    def __init__(self, step_fn, shape: CacheShape, slots: int, dtype=np.float32, decode_fn=None, method=None):
+        self.step_fn, self.slots, self.cache_max_len, self.method = step_fn, slots, shape.max_len, method
         self.decode_fn = decode_fn or step_fn
         self.caches = [step_fn.new_cache(shape, dtype) for _ in range(slots)]
         self.prefill_needs_slot = True
@@ -117,7 +118,7 @@ class RowDecoder:
         pass
 
     def decode(self, batch) -> np.ndarray:
-        return np.stack([scheduler.decode(self.decode_fn, w.pending, scheduler.Sequence(w.length, w.chunk_width),
+        return np.stack([scheduler.decode(self.decode_fn, w.pending, scheduler.Sequence(w.length, w.chunk_width, self.method),
                                           self.caches[w.slot]) for w in batch])
 
     def free(self, work) -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime import backends, mesa
+from runtime import backends, mesa, methods
 from runtime.artifact import (DECODE_INPUTS, MANIFEST, MODEL_FILE, ROPE_FILE, STEP_INPUTS, STEP_OUTPUTS, ArtifactError,
                               Manifest, decode_io, load_manifest, metadata_mismatch)
 from runtime.batch_decoder import InplaceDecoder, make_decoder
@@ -76,6 +76,7 @@ class MesaEngine:
                  token_budget: int = DEFAULT_TOKEN_BUDGET, decode_fn=None):
         self.directory, self.manifest, self.backend, self.tokenizer = directory, manifest, backend, tokenizer
         self.params = manifest.mesa_params
+        self.method = manifest.method_object  # None for mesa and origin
         self._step = step_fn
         shape, dtype = manifest.cache_shape, backends.CACHE_DTYPES[manifest.dtype]
         inplace = getattr(step_fn, "inplace", False)
@@ -86,7 +87,7 @@ class MesaEngine:
                                f"machine's {_host_memory() / 2**30:.1f} GiB")
         try:
             steps_params = mesa.graph_params(self.params, manifest.method, manifest.max_len)
-            self._decoder = make_decoder(step_fn, shape, slots, directory, steps_params, dtype, decode_fn)
+            self._decoder = make_decoder(step_fn, shape, slots, directory, steps_params, dtype, decode_fn, self.method)
         except MemoryError:
             raise RequestError(f"slots={slots}: not enough memory for {slots} KV-cache slots of "
                                f"{need / slots / 2**30:.2f} GiB") from None
@@ -281,8 +282,8 @@ class MesaEngine:
 
     def _plans(self, rows: list[np.ndarray], max_new_tokens: int) -> list[list[mesa.Step]]:
         try:
-            return [mesa.check_request(len(ids), max_new_tokens, self.max_len, self.params, self.manifest.method)
-                    for ids in rows]
+            return [methods.check_request(len(ids), max_new_tokens, self.max_len, self.params, self.manifest.method,
+                                          self.method) for ids in rows]
         except mesa.MesaParamError as e:
             raise RequestError(str(e)) from None
 

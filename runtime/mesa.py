@@ -157,9 +157,10 @@ def origin_params(max_len: int) -> MesaParams:
                       reserve_tokens=0, push_width=1)
 
 
-def graph_params(params: MesaParams, method: Method, max_len: int) -> MesaParams:
-    """The parameters an engine's steps run with: origin is the same formulas with T = max_len + 1."""
-    return origin_params(max_len) if method == "origin" else params
+def graph_params(params: MesaParams, method: str, max_len: int) -> MesaParams:
+    """The parameters an engine's steps run with: every method but mesa runs the formulas with
+    T = max_len + 1 (plain positions inside each call; runtime/methods.py says what else changes)."""
+    return params if method == "mesa" else origin_params(max_len)
 
 
 # ---------------------------------------------------------------------------------------- §2

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime import mesa
+from runtime import mesa, methods
 from runtime.kv_cache import KVCache
 
 StepFn = Callable[[np.ndarray, mesa.Step, int, KVCache], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -25,6 +25,7 @@ class Sequence:
 
     length: int
     chunk_width: int
+    method: methods.Method | None = None  # a method of runtime/methods.py (its own decode step); None: Mesa's
 
 
 def prefill_step(step_fn: StepFn, ids: np.ndarray, step: mesa.Step, logits_to_keep: int, cache: KVCache) -> np.ndarray:
@@ -35,8 +36,8 @@ def prefill_step(step_fn: StepFn, ids: np.ndarray, step: mesa.Step, logits_to_ke
 
 
 def prefill(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cache: KVCache,
-            all_logits: bool = True, on_step: Callable[[mesa.Step], None] | None = None
-            ) -> tuple[np.ndarray, Sequence]:
+            all_logits: bool = True, on_step: Callable[[mesa.Step], None] | None = None,
+            method: methods.Method | None = None) -> tuple[np.ndarray, Sequence]:
     """Run the prompt by its plan. Returns logits [L, vocab] (or [1, vocab] for the last position)."""
     ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
     out = []
@@ -47,12 +48,12 @@ def prefill(step_fn: StepFn, input_ids: np.ndarray, steps: list[mesa.Step], cach
             out.append(logits)
         if on_step is not None:
             on_step(step)
-    return np.concatenate(out, axis=0), Sequence(steps[-1].stop, steps[-1].chunk_width)
+    return np.concatenate(out, axis=0), Sequence(steps[-1].stop, steps[-1].chunk_width, method)
 
 
 def decode(step_fn: StepFn, token: int, seq: Sequence, cache: KVCache) -> np.ndarray:
     """Consume one token at position seq.length; returns its logits [vocab] and advances seq."""
-    step = mesa.decode_step(seq.length, seq.chunk_width)
+    step = methods.decode_step(seq.length, seq.chunk_width, seq.method)
     logits, k, v = step_fn(np.array([[token]], dtype=np.int64), step, 1, cache)
     cache.write(step.write_pos, k, v)
     seq.length += 1

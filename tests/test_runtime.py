@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from conftest import export_engine, load_official
 
-from runtime import artifact, backends, mesa, scheduler
+from runtime import artifact, backends, mesa, methods, scheduler
 from runtime.artifact import MANIFEST, MODEL_FILE
 from runtime.engine import BackendError, EngineError, LoadError, MesaEngine, RequestError
 from runtime.kv_cache import CacheShape
@@ -308,7 +308,7 @@ def without(d: dict, key: str) -> None:
     (lambda m: m.update(notes="hi"), "field notes is not a manifest field"),
     (lambda m: without(m, "passes"), "field passes is missing"),
     (lambda m: m["inputs"][1]["shape"].__setitem__(0, 2.5), r"field inputs\[1\].shape\[0\]: 2.5 is not of type"),
-    (lambda m: m.update(method="stairs"), r"field method: 'stairs' is not one of \['mesa', 'origin'\]"),
+    (lambda m: m.update(method="stairs"), r"field method: 'stairs' is not one of \['mesa', 'origin', 'rerope', "),
     (lambda m: m["params"].update(first_chunk=200), "field params: first_chunk F=200 must be below train_length"),
     (lambda m: m["generation"].update(eos_token_ids=[-2]),
      r"field generation.eos_token_ids\[0\]: -2 is less than the minimum of 0"),
@@ -384,8 +384,9 @@ def test_schema_file_is_the_manifest(engine_dir):
     import tomllib
 
     schema = json.loads(artifact.SCHEMA_FILE.read_text())
-    assert schema["properties"]["method"]["enum"] == list(mesa.METHODS)
-    assert set(schema["required"]) == set(schema["properties"]) == set(artifact.Manifest.__dataclass_fields__)
+    assert schema["properties"]["method"]["enum"] == list(methods.METHODS)
+    assert set(schema["properties"]) == set(artifact.Manifest.__dataclass_fields__)
+    assert set(schema["properties"]) - set(schema["required"]) == {"method_params"}  # optional: {} when absent
     assert set(schema["properties"]["params"]["required"]) == set(mesa.MesaParams.__dataclass_fields__)
     assert set(artifact.CONTRACT_FIELDS) <= set(schema["properties"])
     project = tomllib.loads((artifact.SCHEMA_FILE.parents[1] / "pyproject.toml").read_text())
