@@ -141,6 +141,10 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     preflight.check_memory(max_len, head_dim, config.num_hidden_layers, kv_heads, dtype)
     check_lengths(max_len, method, mesa_params)  # O(max_len): after the memory check has refused absurd lengths
+    mesa_only = sorted(k for k, v in (params or {}).items() if v is not None and k != "train_length")
+    if method not in ("mesa", "origin") and mesa_only:
+        raise mesa.MesaParamError(f"{', '.join(mesa_only)}: Mesa parameter(s), unused by --method {method} "
+                                  "(its own flags are --window, --leaky-k, --group, --sink, --block, --factor)")
     given = dict(method_params or {})
     rope = loading.rope_config(config)
     if method in ("dynamic-ntk", "yarn") and rope.linear_factor != 1.0:

@@ -22,8 +22,17 @@ PARAM_FLAGS = (  # flag, MesaParams field, paper symbol, help
     ("--chunk-width", "chunk_width", "W0", "starting chunk width W for short prompts (default T)"),
 )
 # The other methods' parameters (runtime/methods.py PARAMETERS; defaults from T and max_len there).
-METHOD_FLAGS = (("--window", "window", int), ("--leaky-k", "k", float), ("--group", "group", int),
-                ("--sink", "sink", int), ("--block", "block", int), ("--factor", "factor", float))
+METHOD_FLAGS = (("--window", "window", int, "W"), ("--leaky-k", "k", float, "K"), ("--group", "group", int, "G"),
+                ("--sink", "sink", int, "N"), ("--block", "block", int, "C"), ("--factor", "factor", float, "X"))
+
+
+class _Examples(argparse.HelpFormatter):
+    """Wraps the description as usual but keeps the examples' lines as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,7 +42,10 @@ def parser() -> argparse.ArgumentParser:
                     "Mesa-Extrapolation: chunked prefill plus Stair PE, so prompts can exceed the trained "
                     "length without fine-tuning. Unset Mesa parameters come from the alias preset, else from "
                     "the paper's general setting scaled to the model's trained length (see README).",
-        epilog="example: python export.py --model llama2-7b --max-len 12288 --out engines/llama2-7b-12k",
+        epilog="examples:\n  python export.py --model llama2-7b --max-len 12288 --out engines/llama2-7b-12k\n"
+               "  python export.py --model llama2-7b --max-len 12288 --out engines/llama2-7b-12k-rerope "
+               "--method rerope --window 512",
+        formatter_class=_Examples,
     )
     p.add_argument("--model", required=True,
                    help="alias (llama2-7b, tinyllama-1.1b, ...), a local HF folder, or an HF id in the local cache")
@@ -52,8 +64,8 @@ def parser() -> argparse.ArgumentParser:
 
     other = p.add_argument_group("parameters of the other methods (unset: the defaults runtime/methods.py "
                                  "derives from T and --max-len)")
-    for flag, field, kind in METHOD_FLAGS:
-        other.add_argument(flag, type=kind, default=None, dest=f"method_{field}", help=PARAMETERS[field])
+    for flag, field, kind, sym in METHOD_FLAGS:
+        other.add_argument(flag, type=kind, default=None, dest=f"method_{field}", metavar=sym, help=PARAMETERS[field])
     p.add_argument("--target", choices=TARGETS, default="ort-cpu",
                    help="backend the graph passes optimise for: ort-cpu (default), ort-cuda, tensorrt, or portable "
                         "(no passes: the MesaAttention function runs as is on any ONNX Runtime)")
@@ -90,7 +102,7 @@ def api_kwargs(args) -> dict:
     return dict(max_len=args.max_len, method=args.method, params={f: getattr(args, f) for _, f, _, _ in PARAM_FLAGS},
                 target=args.target, precision=args.precision, force=args.force,
                 verify=not args.no_verify,
-                method_params={f: getattr(args, f"method_{f}") for _, f, _ in METHOD_FLAGS})
+                method_params={f: getattr(args, f"method_{f}") for _, f, _, _ in METHOD_FLAGS})
 
 
 def export(args) -> int:

@@ -144,7 +144,8 @@ def _attend(q_r: Tensor, k_r: Tensor, values: Tensor, visible: Tensor, pick=None
 @torch.library.custom_op("mesa::method_attention", mutates_args=())
 def method_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, inv_freq: Tensor,
-    sink_len: Tensor, window_start: Tensor, write_pos: Tensor, layer: int, method: str, params: str,
+    sink_len: Tensor, window_start: Tensor, write_pos: Tensor, chunk_width: Tensor, layer: int, method: str,
+    params: str,
 ) -> Tensor:
     """Attention of one step for the methods of runtime/methods.py with an op of their own (pair
     methods, dynamic-ntk); the reference of graph_ops/methods_op.py. Same tensors as mesa::attention."""
@@ -158,7 +159,7 @@ def method_attention(
     kp, qp = methods.call_positions(step)
     visible = torch.from_numpy(qp[:, None] >= kp[None, :])
     if isinstance(m, methods.DynamicNTK):
-        inv = _dynamic_inv_freq(m, int(kp.max()) + 1, q.shape[-1])
+        inv = _dynamic_inv_freq(m, max(int(kp.max()) + 1, int(chunk_width)), q.shape[-1])
         return _attend(_rotate_at(q, qp, inv), _rotate_at(keys, kp, inv), values, visible)
     e = m.encode(step)
     qs = q * torch.from_numpy(e.scale).to(q.dtype)[:, None]
@@ -171,16 +172,16 @@ def method_attention(
     return _attend(_rotate_at(qs, e.p1_q, inv_freq), _rotate_at(keys, e.p1_k, inv_freq), values, visible, pick)
 
 
-def _dynamic_inv_freq(m: methods.DynamicNTK, kv_len: int, d: int) -> Tensor:
-    """transformers' dynamic-NTK frequencies for a call of S = kv_len keys, with its torch expressions
+def _dynamic_inv_freq(m: methods.DynamicNTK, length: int, d: int) -> Tensor:
+    """transformers' dynamic-NTK frequencies for a sequence of `length` tokens, with its torch expressions
     (the base in float32: transformers computes it from a tensor seq_len)."""
-    seq = torch.tensor(max(kv_len, m.train_length), dtype=torch.int64)
+    seq = torch.tensor(max(length, m.train_length), dtype=torch.int64)
     base = m.rope_theta * ((m.factor * seq / m.train_length) - (m.factor - 1)) ** (d / (d - 2))
     return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d))
 
 
 @method_attention.register_fake
-def _(q, k, v, k_cache, v_cache, inv_freq, sink_len, window_start, write_pos, layer, method, params):
+def _(q, k, v, k_cache, v_cache, inv_freq, sink_len, window_start, write_pos, chunk_width, layer, method, params):
     return torch.empty_like(q)
 
 
@@ -226,7 +227,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, n, kv, d).transpose(1, 2)
         cos, sin, inv_freq = rope
         if self.method is not None:
-            out = torch.ops.mesa.method_attention(q, k, v, k_cache, v_cache, inv_freq, *scalars[:3],
+            out = torch.ops.mesa.method_attention(q, k, v, k_cache, v_cache, inv_freq, *scalars,
                                                   self.layer, self.method.name, self.method_json)
         else:
             out = torch.ops.mesa.attention(q, k, v, k_cache, v_cache, cos, sin, *scalars,

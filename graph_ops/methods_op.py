@@ -10,7 +10,7 @@ reads the visible cache rows with mesa_op's MesaCachedKV, so a call costs O(visi
 | LeakyReRoPEAttention | ... LeakyReRoPEPositions ... | layer, window, train_length, k (float) |
 | SelfExtendAttention | ... SelfExtendPositions ... | layer, window, group |
 | LMInfiniteAttention | ... LMInfinitePositions ... | layer, train_length (the distance cap L) |
-| DynamicNTKAttention | MesaCachedKV, CallPositions, DynamicNTKRope, mesa_op.MesaAttend | layer, train_length, factor, rope_theta |
+| DynamicNTKAttention | MesaCachedKV, CallPositions, DynamicNTKRope, mesa_op.MesaAttend | layer, train_length, factor, rope_theta; input chunk_width = the prompt length L |
 
 Pair ops also take `inv_freq` [d/2] (the model's RoPE frequencies) and rotate at any, even fractional,
 position: cos/sin = cos/sin(position x inv_freq), the product transformers' rotary embedding computes.
@@ -149,15 +149,16 @@ def PairAttend(q, keys, values, inv_freq, p1_k, p1_q, p2_k, p2_q, near: BOOL, sc
 
 
 @script(opset=mesa_opset, default_opset=op)
-def DynamicNTKRope(q, keys: INT64, queries: INT64, distance: INT64, train_length: int, factor: float,
+def DynamicNTKRope(q, keys: INT64, queries: INT64, length: INT64, train_length: int, factor: float,
                    rope_theta: float):
-    """cos/sin rows of the keys and queries with transformers' dynamic-NTK base for this call's S keys:
-    base' = theta * (f max(S, T) / T - (f - 1))^(d / (d - 2)), in float32 as transformers computes it."""
+    """cos/sin rows of the keys and queries with transformers' dynamic-NTK base: n = max(S, length, T)
+    for S = the call's keys, base' = theta * (f n / T - (f - 1))^(d / (d - 2)), in float32 as
+    transformers computes it."""
     d = op.Squeeze(op.Shape(q, start=3, end=4), op.Constant(value_ints=[0]))
     S = op.Add(op.ReduceMax(keys, keepdims=0), op.Constant(value_int=1))
     T = op.Constant(value_int=train_length)
     f = op.Constant(value_float=factor)
-    Sf = op.Cast(op.Max(S, T), to=FLOAT.dtype)
+    Sf = op.Cast(op.Max(op.Max(S, length), T), to=FLOAT.dtype)
     df = op.Cast(d, to=FLOAT.dtype)
     ratio = op.Sub(op.Div(op.Mul(Sf, f), op.Cast(T, to=FLOAT.dtype)), op.Sub(f, op.Constant(value_float=1.0)))
     base = op.Mul(op.Constant(value_float=rope_theta),
@@ -228,12 +229,12 @@ def LMInfiniteAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, wi
 
 @script(opset=mesa_opset, default_opset=op)
 def DynamicNTKAttention(q, k, v, k_cache, v_cache, sink_len: INT64, window_start: INT64, write_pos: INT64,
-                        layer: int, train_length: int, factor: float, rope_theta: float):
+                        chunk_width: INT64, layer: int, train_length: int, factor: float, rope_theta: float):
     sink_k, window_k, sink_v, window_v = MesaCachedKV(k_cache, v_cache, sink_len, window_start, write_pos, layer=layer)
     keys = op.Concat(sink_k, window_k, k, axis=2)
     values = op.Concat(sink_v, window_v, v, axis=2)
     kp, qp, distance, visible = CallPositions(q, sink_len, window_start, write_pos)
-    cos_k, sin_k, cos_q, sin_q, scale = DynamicNTKRope(q, kp, qp, distance, train_length=train_length,
+    cos_k, sin_k, cos_q, sin_q, scale = DynamicNTKRope(q, kp, qp, chunk_width, train_length=train_length,
                                                        factor=factor, rope_theta=rope_theta)
     return MesaAttend(q, keys, values, cos_k, sin_k, cos_q, sin_q, scale, visible)
 
@@ -270,7 +271,7 @@ def attrs(method) -> dict:
     raise ValueError(f"method {name} has no attention op of its own")
 
 
-_INPUTS = ("q", "k", "v", "k_cache", "v_cache", "inv_freq", "sink_len", "window_start", "write_pos")
+_INPUTS = ("q", "k", "v", "k_cache", "v_cache", "inv_freq", "sink_len", "window_start", "write_pos", "chunk_width")
 _FLOAT_ATTRS = {"k_factor", "factor", "rope_theta"}
 
 
@@ -291,11 +292,11 @@ NODES = {name: onnxscript.values.Op(mesa_opset, fn.name, _schema(fn)) for name, 
 
 
 def method_attention_translation(q, k, v, k_cache, v_cache, inv_freq, sink_len, window_start, write_pos,
-                                 layer: int, method: str, params: str):
+                                 chunk_width, layer: int, method: str, params: str):
     """torch.onnx custom translation of torch.ops.mesa.method_attention: one ai.mesa node of the method."""
     m = methods.CLASSES[method](**json.loads(params))
     if method == "dynamic-ntk":
-        return NODES[method](q, k, v, k_cache, v_cache, sink_len, window_start, write_pos, layer=layer,
+        return NODES[method](q, k, v, k_cache, v_cache, sink_len, window_start, write_pos, chunk_width, layer=layer,
                              train_length=m.train_length, factor=float(m.factor), rope_theta=float(m.rope_theta))
     return NODES[method](q, k, v, k_cache, v_cache, inv_freq, sink_len, window_start, write_pos, layer=layer,
                          **attrs(m))

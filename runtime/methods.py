@@ -21,8 +21,9 @@ RoPE at the absolute positions (p1), the others rotate the query to p2_q and the
 p2_q - p2_k is the method's distance. A decode step needs only one pass: with one query, each far key
 can be rotated to p2_k + (p1_q - p2_q) instead (`single_pass_key_positions`). Prefill of full-attention
 methods runs in chunks of PREFILL_CHUNK tokens, which changes no logit (the encodings depend only on
-absolute positions), except dynamic-ntk, whose base depends on the call's key count S and whose prefill
-is therefore one call, as transformers computes a prompt in one forward.
+absolute positions); dynamic-ntk's base depends on the sequence length, so its prefill chunks carry the
+prompt length L in the `chunk_width` scalar (unused otherwise by non-Mesa methods) and every chunk uses
+the base of max(S, L): the logits of one forward over the prompt, as transformers computes it.
 
 What these methods leave as they are: the static cache holds max_len rows per sequence for every method;
 streaming-llm and lm-infinite read only their sink + window (O(window) compute per token) but do not
@@ -45,11 +46,12 @@ METHODS: tuple[str, ...] = ("mesa", "origin", "rerope", "leaky-rerope", "self-ex
 PREFILL_CHUNK = 1024  # full-attention prefill call size (compute only: the logits do not depend on it)
 
 
-def _full_prefill(prompt_len: int, chunk: int = PREFILL_CHUNK) -> list[Step]:
+def _full_prefill(prompt_len: int, width: int = 1) -> list[Step]:
     """Chunks that see every earlier token: cache[0:s] is the window (a = 0, b = 0)."""
     if prompt_len < 1:
         raise MesaParamError("a prompt needs at least one token")
-    return [Step(s, min(s + chunk, prompt_len), 0, 0, 1, "last") for s in range(0, prompt_len, chunk)]
+    return [Step(s, min(s + PREFILL_CHUNK, prompt_len), 0, 0, width, "last")
+            for s in range(0, prompt_len, PREFILL_CHUNK)]
 
 
 def _windowed_step(start: int, stop: int, sink: int, window: int, kind: str) -> Step:
@@ -279,7 +281,8 @@ class StreamingLLM(Method):
 
 @dataclass(frozen=True)
 class DynamicNTK(Method):
-    """base' = rope_theta (f max(S, T) / T - (f - 1))^(d / (d - 2)) for a call of S keys, d = head_dim."""
+    """base' = rope_theta (f n / T - (f - 1))^(d / (d - 2)), n = max(S, L, T) for a call of S keys in a
+    prompt of L tokens (L = the step's chunk_width; 1 for decode steps), d = head_dim."""
 
     factor: float  # f
     train_length: int  # T (transformers: max_position_embeddings)
@@ -292,7 +295,7 @@ class DynamicNTK(Method):
             raise MesaParamError(f"dynamic-ntk factor must be >= 1, got {self.factor}")
 
     def prefill_steps(self, prompt_len: int) -> list[Step]:
-        return _full_prefill(prompt_len, max(prompt_len, 1))  # one call: the base depends on S
+        return _full_prefill(prompt_len, prompt_len)  # every chunk computes with the base of L
 
 
 

@@ -189,3 +189,15 @@ def test_bad_input_one_error_line(binary, tiny, tmp_path):
     assert error(engine_dir, [[1, 2], [3]], "--save-logits", str(tmp_path / "x")) == ("--save-logits takes one prompt, "
                                                                                      "not a batch")
     assert error(engine_dir, [1], "--bogus") == "unrecognized arguments: --bogus"
+
+
+def test_engines_of_other_methods_are_refused_in_one_line(binary, tmp_path):
+    """The C++ runner plans Mesa and origin requests only: an engine of another method (runtime/methods.py)
+    is one error line, never a wrong answer."""
+    engine_dir = quiet_export(tiny_checkpoint(tmp_path / "ckpt", max_position_embeddings=T), tmp_path / "rerope",
+                              MAX_LEN, ["--method", "rerope"])
+    _, run = cpp(binary, engine_dir, [1, 2, 3], tmp=tmp_path, check=False)
+    assert run.returncode == 2 and run.stdout == "", run
+    assert run.stderr.strip() == (f"error: {engine_dir / 'mesa.json'} is unreadable: field method: 'rerope' is not "
+                                  "served by the C++ runner (it runs 'mesa' and 'origin' engines; serve the other "
+                                  "methods with the Python runtime)"), run.stderr

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -210,6 +211,24 @@ def test_passkey_cli_runs_a_grid(engine_dir, tmp_path):
     md = (tmp_path / "passkey_text.md").read_text()
     assert "| 0 |" in md and "mean" in md and "Random-weight" in md
     assert (tmp_path / "passkey_text.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method, flags", [("self-extend", ["--group", "8"]), ("streaming-llm", [])])
+def test_harnesses_take_every_methods_engine(engine_dir, method, flags, tmp_path):
+    """Perplexity and passkey run an engine of another method unchanged (its own prefill plan and decode
+    steps); perplexity's windows are the engine's own scores."""
+    model = Path(MesaEngine.load(engine_dir).manifest.source["path"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        other = export_engine(model, tmp_path / method, 320, ["--method", method, *flags, "--no-verify"])
+        (tmp_path / "t.txt").write_text(" ".join(passkey_text.PROMPT_WORDS * 20))
+        assert perplexity.main([str(other), "--text-file", str(tmp_path / "t.txt"), "--lengths", "200",
+                                "--out", str(tmp_path / "ppl")]) == 0
+        assert passkey_text.main([str(other), "--lengths", "250", "--depths", "0.5", "--trials", "2",
+                                  "--max-new-tokens", "6", "--out", str(tmp_path / "pk")]) == 0
+    res = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())["results"]
+    assert [r["method"] for r in res] == [method] and math.isfinite(res[0]["perplexity"])
+    cells = json.loads((tmp_path / "pk" / "passkey_text.json").read_text())
+    assert len(cells) == 1 and len(cells[0]["answers"]) == 2
 
 
 def test_engine_without_tokenizer_is_refused(tmp_path):

@@ -275,3 +275,23 @@ def test_bad_method_parameters_are_refused_in_one_line(checkpoint, tmp_path):
     r = subprocess.run([sys.executable, "export.py", "--model", str(checkpoint), "--max-len", "240", "--out",
                         str(out), "--method", "rerope", "--group", "3"], capture_output=True, text=True)
     assert r.returncode == 2 and "takes no parameter group" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "export.py", "--model", str(checkpoint), "--max-len", "240", "--out",
+                        str(out), "--method", "rerope", "--push-width", "4"], capture_output=True, text=True)
+    assert r.returncode == 2 and "push_width: Mesa parameter(s), unused by --method rerope" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["rerope", "self-extend", "dynamic-ntk", "yarn"])
+def test_prefill_chunks_change_no_logit(name, engines, monkeypatch):
+    """Full-attention methods prefill in chunks of PREFILL_CHUNK; prompts here are shorter than the default,
+    so a chunk of 40 tokens checks that the split changes nothing (dynamic-ntk: every chunk takes the
+    base of the whole prompt)."""
+    from runtime import methods
+
+    prompt = np.random.default_rng(7).integers(0, 96, PROMPT)
+    whole = _run_engine(engines[name], prompt)
+    monkeypatch.setattr(methods, "PREFILL_CHUNK", 40)
+    assert len(methods.CLASSES[name].prefill_steps(methods.default_method(name, T, MAX_LEN), PROMPT)) == 4
+    chunked = _run_engine(engines[name], prompt)
+    np.testing.assert_allclose(chunked.prefill_logits, whole.prefill_logits, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(chunked.decode_logits, whole.decode_logits, atol=2e-5, rtol=0)

@@ -127,7 +127,7 @@ inline Manifest load_manifest(const fs::path& dir) {  // runtime/artifact.py loa
     auto text = [&](const std::string& name) { return field(j, name, "").get<std::string>(); };
     m.method = text("method"), m.dtype = text("dtype"), m.target = text("target");
     if (m.method != "mesa" && m.method != "origin")
-      throw LoadError("field method: '" + m.method + "' is not one of ['mesa', 'origin']");
+      throw LoadError("field method: '" + m.method + "' is not served by the C++ runner (it runs 'mesa' and 'origin' engines; serve the other methods with the Python runtime)");
     const json& p = field(j, "params", "");
     m.params_json = p;
     m.params = Params{integer(p, "train_length", 1, "params."),      integer(p, "first_chunk", 1, "params."),
