@@ -179,12 +179,20 @@ def DynamicNTKRope(q, keys: INT64, queries: INT64, length: INT64, train_length: 
 
 
 @script(opset=mesa_opset, default_opset=op)
-def ReRoPEAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, window_start: INT64, write_pos: INT64,
-                    layer: int, window: int, train_length: int):
+def VisibleKeys(q, k, v, k_cache, v_cache, sink_len: INT64, window_start: INT64, write_pos: INT64, layer: int):
+    """The call's keys and values (sink ++ window ++ new, Mesa's MesaCachedKV rule) with CallPositions."""
     sink_k, window_k, sink_v, window_v = MesaCachedKV(k_cache, v_cache, sink_len, window_start, write_pos, layer=layer)
     keys = op.Concat(sink_k, window_k, k, axis=2)
     values = op.Concat(sink_v, window_v, v, axis=2)
     kp, qp, distance, visible = CallPositions(q, sink_len, window_start, write_pos)
+    return keys, values, kp, qp, distance, visible
+
+
+@script(opset=mesa_opset, default_opset=op)
+def ReRoPEAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, window_start: INT64, write_pos: INT64,
+                    layer: int, window: int, train_length: int):
+    keys, values, kp, qp, distance, visible = VisibleKeys(q, k, v, k_cache, v_cache, sink_len, window_start,
+                                                          write_pos, layer=layer)
     p2_k, p2_q, near, scale = ReRoPEPositions(kp, qp, distance, window=window, train_length=train_length)
     return PairAttend(q, keys, values, inv_freq, op.Cast(kp, to=FLOAT.dtype), op.Cast(qp, to=FLOAT.dtype),
                       p2_k, p2_q, near, scale, visible)
@@ -193,10 +201,8 @@ def ReRoPEAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, window
 @script(opset=mesa_opset, default_opset=op)
 def LeakyReRoPEAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, window_start: INT64,
                          write_pos: INT64, layer: int, window: int, train_length: int, k_factor: float):
-    sink_k, window_k, sink_v, window_v = MesaCachedKV(k_cache, v_cache, sink_len, window_start, write_pos, layer=layer)
-    keys = op.Concat(sink_k, window_k, k, axis=2)
-    values = op.Concat(sink_v, window_v, v, axis=2)
-    kp, qp, distance, visible = CallPositions(q, sink_len, window_start, write_pos)
+    keys, values, kp, qp, distance, visible = VisibleKeys(q, k, v, k_cache, v_cache, sink_len, window_start,
+                                                          write_pos, layer=layer)
     p2_k, p2_q, near, scale = LeakyReRoPEPositions(kp, qp, distance, window=window, train_length=train_length,
                                                    k=k_factor)
     return PairAttend(q, keys, values, inv_freq, op.Cast(kp, to=FLOAT.dtype), op.Cast(qp, to=FLOAT.dtype),
@@ -206,10 +212,8 @@ def LeakyReRoPEAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, w
 @script(opset=mesa_opset, default_opset=op)
 def SelfExtendAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, window_start: INT64,
                         write_pos: INT64, layer: int, window: int, group: int):
-    sink_k, window_k, sink_v, window_v = MesaCachedKV(k_cache, v_cache, sink_len, window_start, write_pos, layer=layer)
-    keys = op.Concat(sink_k, window_k, k, axis=2)
-    values = op.Concat(sink_v, window_v, v, axis=2)
-    kp, qp, distance, visible = CallPositions(q, sink_len, window_start, write_pos)
+    keys, values, kp, qp, distance, visible = VisibleKeys(q, k, v, k_cache, v_cache, sink_len, window_start,
+                                                          write_pos, layer=layer)
     p2_k, p2_q, near, scale = SelfExtendPositions(kp, qp, distance, window=window, group=group)
     return PairAttend(q, keys, values, inv_freq, op.Cast(kp, to=FLOAT.dtype), op.Cast(qp, to=FLOAT.dtype),
                       p2_k, p2_q, near, scale, visible)
@@ -218,10 +222,8 @@ def SelfExtendAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, wi
 @script(opset=mesa_opset, default_opset=op)
 def LMInfiniteAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, window_start: INT64,
                         write_pos: INT64, layer: int, train_length: int):
-    sink_k, window_k, sink_v, window_v = MesaCachedKV(k_cache, v_cache, sink_len, window_start, write_pos, layer=layer)
-    keys = op.Concat(sink_k, window_k, k, axis=2)
-    values = op.Concat(sink_v, window_v, v, axis=2)
-    kp, qp, distance, visible = CallPositions(q, sink_len, window_start, write_pos)
+    keys, values, kp, qp, distance, visible = VisibleKeys(q, k, v, k_cache, v_cache, sink_len, window_start,
+                                                          write_pos, layer=layer)
     p2_k, p2_q, near, scale = LMInfinitePositions(kp, qp, distance, train_length=train_length)
     return PairAttend(q, keys, values, inv_freq, op.Cast(kp, to=FLOAT.dtype), op.Cast(qp, to=FLOAT.dtype),
                       p2_k, p2_q, near, scale, visible)
@@ -230,10 +232,8 @@ def LMInfiniteAttention(q, k, v, k_cache, v_cache, inv_freq, sink_len: INT64, wi
 @script(opset=mesa_opset, default_opset=op)
 def DynamicNTKAttention(q, k, v, k_cache, v_cache, sink_len: INT64, window_start: INT64, write_pos: INT64,
                         chunk_width: INT64, layer: int, train_length: int, factor: float, rope_theta: float):
-    sink_k, window_k, sink_v, window_v = MesaCachedKV(k_cache, v_cache, sink_len, window_start, write_pos, layer=layer)
-    keys = op.Concat(sink_k, window_k, k, axis=2)
-    values = op.Concat(sink_v, window_v, v, axis=2)
-    kp, qp, distance, visible = CallPositions(q, sink_len, window_start, write_pos)
+    keys, values, kp, qp, distance, visible = VisibleKeys(q, k, v, k_cache, v_cache, sink_len, window_start,
+                                                          write_pos, layer=layer)
     cos_k, sin_k, cos_q, sin_q, scale = DynamicNTKRope(q, kp, qp, chunk_width, train_length=train_length,
                                                        factor=factor, rope_theta=rope_theta)
     return MesaAttend(q, keys, values, cos_k, sin_k, cos_q, sin_q, scale, visible)
@@ -242,7 +242,7 @@ def DynamicNTKAttention(q, k, v, k_cache, v_cache, sink_len: INT64, window_start
 # method name -> its top-level op (what the exporter emits)
 OPS = {"rerope": ReRoPEAttention, "leaky-rerope": LeakyReRoPEAttention, "self-extend": SelfExtendAttention,
        "lm-infinite": LMInfiniteAttention, "dynamic-ntk": DynamicNTKAttention}
-PARTS = (MesaCachedKV, MesaAttend, CallPositions, LogN, ReRoPEPositions, LeakyReRoPEPositions, SelfExtendPositions,
+PARTS = (MesaCachedKV, MesaAttend, CallPositions, VisibleKeys, LogN, ReRoPEPositions, LeakyReRoPEPositions, SelfExtendPositions,
          LMInfinitePositions, Rotate, Scores, PairAttend, DynamicNTKRope)
 
 
@@ -254,7 +254,9 @@ def function_proto(method: str) -> onnx.FunctionProto:
                       functions=[outer, *parts])
     ir.passes.common.InlinePass()(holder)
     ir.passes.common.RemoveUnusedNodesPass()(holder)
-    return ir.serde.serialize_function(holder.functions[outer.identifier()])
+    fn = holder.functions[outer.identifier()]
+    fn.opset_imports.setdefault("", OPSET)  # an op that only called parts now holds their standard ops
+    return ir.serde.serialize_function(fn)
 
 
 def attrs(method) -> dict:

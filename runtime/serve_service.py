@@ -203,7 +203,8 @@ class Service:
         m = self.engine.manifest
         return {"object": "list", "data": [{
             "id": self.name, "object": "model", "created": 0, "owned_by": "mesa-engine", "max_model_len": m.max_len,
-            "mesa": {"method": m.method, "params": dataclasses.asdict(self.engine.params), "max_len": m.max_len,
+            "mesa": {"method": m.method, "params": dataclasses.asdict(self.engine.params),
+                     "method_params": m.method_params, "max_len": m.max_len,
                      "vocab_size": m.vocab_size, "backend": self.engine.backend, "slots": self.engine.stats()["slots"],
                      "chat_template": self.template is not None, "tokenizer": self.engine.tokenizer is not None,
                      "sampling_defaults": self.sampling_defaults}}]}

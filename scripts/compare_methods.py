@@ -53,14 +53,19 @@ def export_method(model: Path, out: Path, max_len: int, method: str, params: dic
     try:
         m = load_manifest(out)
         if m.method == method and m.max_len == max_len:
-            return m.method_params or m.params
+            return _params(m)
     except ArtifactError:
         pass
     log(f"exporting {out.name}: {model.name}, --method {method}, max_len {max_len}")
     with contextlib.redirect_stdout(io.StringIO()):
         m = export_engine(model, out, max_len=max_len, method=method, params=params if method == "mesa" else
                           {"train_length": params["train_length"]} if params else None, force=True, progress=False)
-    return m.method_params or m.params
+    return _params(m)
+
+
+def _params(manifest) -> dict:
+    """What the report lists: Mesa's parameters, another method's, none for origin (plain RoPE)."""
+    return manifest.params if manifest.method == "mesa" else manifest.method_params
 
 
 def accuracy(work: Path, methods, lengths, modes, n: int) -> list[dict]:
@@ -154,6 +159,7 @@ def plots(results: dict, folder: Path) -> list[str]:
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
             ax.set(xscale="log", xlabel="prompt length (trained at 256)", ylabel="passkey exact match",
                    title=f"trained fixture, {mode} filler", ylim=(-0.03, 1.03))
+            ax.minorticks_off()
             ax.set_xticks(PASSKEY_LENGTHS, [str(L) for L in PASSKEY_LENGTHS])
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=8, loc="lower left")
@@ -188,7 +194,7 @@ def write_report(results: dict, folder: Path) -> Path:
         lines += ["## Passkey accuracy, trained fixture (T = 256), exact match [95% Wilson interval]", "",
                   accuracy_table(results["accuracy"]), "", "Parameters:", ""]
         for method, params in dict.fromkeys((r["engine"], json.dumps(r["params"])) for r in results["accuracy"]):
-            lines.append(f"- {method}: {params}")
+            lines.append(f"- {method}: " + ("plain RoPE, full attention" if method == "origin" else params))
         lines.append("")
     if results.get("cost"):
         lines += ["## Cost on model M (T = 4096), ort-cpu, fresh process per point", "",
