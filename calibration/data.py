@@ -157,7 +157,7 @@ def collect(engine: str | Path, prompts: list[list[int]], decode_tokens: int = 8
 
         def __call__(self, input_ids, step, logits_to_keep, cache):
             out = super().__call__(input_ids, step, logits_to_keep, cache)
-            self._record("first" if step.kind == "full" else step.kind)  # origin: one call, plain positions
+            self._record("first" if step.kind == "full" else step.kind)  # origin: plain positions, every call sees all
             return out
 
         def decode(self, tokens, positions, first_row=0):

@@ -43,7 +43,7 @@ from runtime.mesa import MesaParamError, Step
 
 METHODS: tuple[str, ...] = ("mesa", "origin", "rerope", "leaky-rerope", "self-extend", "streaming-llm",
                             "lm-infinite", "dynamic-ntk", "yarn")
-PREFILL_CHUNK = 1024  # full-attention prefill call size (compute only: the logits do not depend on it)
+PREFILL_CHUNK = mesa.FULL_PREFILL_CHUNK  # full-attention prefill call size (the logits do not depend on it)
 
 
 def _full_prefill(prompt_len: int, width: int = 1) -> list[Step]:
@@ -395,7 +395,7 @@ def method_from_manifest(name: str, params: dict) -> Method | None:
 
 
 def prefill_steps(prompt_len: int, params: mesa.MesaParams, name: str, method: Method | None) -> list[Step]:
-    """The calls of a prompt under any method: Mesa's chunk plan, origin's one call, or the method's."""
+    """The calls of a prompt under any method: Mesa's chunk plan, origin's full-attention calls, or the method's."""
     return mesa.prefill_steps(prompt_len, params, name) if method is None else method.prefill_steps(prompt_len)
 
 

@@ -189,7 +189,9 @@ def write_report(results: dict, folder: Path) -> Path:
     (folder / "methods.json").write_text(json.dumps(results, indent=1))
     m = results.get("machine") or {}
     lines = [f"# Methods compared on this engine ({m.get('cpu', '?')}, {m.get('cores', '?')} cores)", "",
-             "Written by `python -m scripts.compare_methods`; every number below comes from one run of it.", ""]
+             "Written by `python -m scripts.compare_methods`; every number below comes from one run of it, "
+             "unless a note says otherwise.", ""]
+    lines += [f"Note: {n}" for n in results.get("notes", [])] + ([""] if results.get("notes") else [])
     if results.get("accuracy"):
         lines += ["## Passkey accuracy, trained fixture (T = 256), exact match [95% Wilson interval]", "",
                   accuracy_table(results["accuracy"]), "", "Parameters:", ""]
@@ -204,6 +206,12 @@ def write_report(results: dict, folder: Path) -> Path:
     path = folder / "methods.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _merge(old: list[dict] | None, key: str, methods, new: list[dict]) -> list[dict]:
+    """The new rows, and the earlier run's rows of the methods not run now (in METHODS order)."""
+    rows = [r for r in old or [] if r[key] not in methods] + new
+    return sorted(rows, key=lambda r: METHODS.index(r[key]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -221,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--report-only", action="store_true", help="redraw the report from OUT/methods.json")
+    p.epilog = ("A run of some --methods keeps the other methods' rows of OUT/methods.json (mark which rows "
+                "came from which run when you quote them).")
     return p
 
 
@@ -242,11 +252,14 @@ def main(argv=None) -> int:
     previous = {}
     if (args.out / "methods.json").is_file():  # a part skipped now keeps its earlier results
         previous = json.loads((args.out / "methods.json").read_text())
-    results = {"machine": machine(), "accuracy": previous.get("accuracy"), "cost": previous.get("cost")}
+    results = {"machine": machine(), "accuracy": previous.get("accuracy"), "cost": previous.get("cost"),
+               "notes": previous.get("notes", [])}
     if not args.skip_accuracy:
-        results["accuracy"] = accuracy(args.work, args.methods, args.lengths, args.modes, args.n)
+        results["accuracy"] = _merge(results["accuracy"], "engine", args.methods,
+                                     accuracy(args.work, args.methods, args.lengths, args.modes, args.n))
     if not args.skip_cost:
-        results["cost"] = cost(args.work, args.methods, args.cost_lengths, args.decode_tokens, args.timeout)
+        results["cost"] = _merge(results["cost"], "method", args.methods,
+                                 cost(args.work, args.methods, args.cost_lengths, args.decode_tokens, args.timeout))
     print(write_report(results, args.out))
     return 0
 

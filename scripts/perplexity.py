@@ -5,7 +5,7 @@
 
 For each window length L the token stream is cut into windows of at most L tokens that start every
 `stride` tokens (default L: disjoint windows). Each window is one prompt, prefilled by the engine's
-own plan (first, middle and last chunks for --method mesa; one full step for origin) with the logits
+own plan (first, middle and last chunks for --method mesa; full-attention calls for origin) with the logits
 of every position kept. A token is scored once, in the first window that reaches it, from the logits
 of the position before it, in the same window. With stride < L every window after the first scores only
 its last `stride` tokens, each with at least L - stride tokens of context, and every token but the text's

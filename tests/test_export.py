@@ -82,7 +82,11 @@ def tiny(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")
 
 
-def test_origin_engine_equals_transformers(tiny, tmp_path):
+@pytest.mark.parametrize("chunk", [1024, 48])
+def test_origin_engine_equals_transformers(tiny, tmp_path, chunk, monkeypatch):
+    """Also with origin's prefill split into calls of 48 tokens (runtime.mesa.FULL_PREFILL_CHUNK): the split
+    changes no logit."""
+    monkeypatch.setattr(mesa, "FULL_PREFILL_CHUNK", chunk)
     engine = export_engine(tiny, tmp_path / "origin", 240, ["--method", "origin"])
     step, cache = ort_runner(engine)
     for length in (3, 64, 200):  # T = 64: below, at and far beyond the trained length

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from export.model import RopeConfig, rope_tables
 from scripts import fixtures
+from runtime import mesa
 from runtime.mesa import (
     MesaParamError,
     MesaParams,
@@ -668,12 +669,13 @@ def test_logn_scale_spec_values():
 
 @MEDIUM
 @given(small_params(max_T=2000), st.integers(1, 3000))
-def test_origin_prefill_is_one_plain_step(d, L):
+def test_origin_prefill_is_plain_causal_calls(d, L):
     steps = prefill_steps(L, params_of(d), "origin")
-    assert len(steps) == 1
-    s = steps[0]
-    assert (s.start, s.stop, s.sink_len, s.window_start) == (0, L, 0, 0)
-    assert s.kv_len == L and step_visible(s) == list(range(L))
+    assert [(s.start, s.stop) for s in steps] == [(a, min(a + mesa.FULL_PREFILL_CHUNK, L))
+                                                  for a in range(0, L, mesa.FULL_PREFILL_CHUNK)]
+    for s in steps:  # each call sees every earlier token and itself
+        assert (s.sink_len, s.window_start) == (0, 0)
+        assert s.kv_len == s.stop and step_visible(s) == list(range(s.stop))
 
 
 @FEW
@@ -688,8 +690,8 @@ def test_origin_params_are_plain_rope(max_len):
     assert largest_distance(max_len, p, "origin") == max_len - 1
     assert np.array_equal(max_distance(np.arange(1, max_len + 1), p.chunk_width, p.train_length,
                                        p.push_width), np.arange(max_len))
-    # a prompt of any length up to max_len runs as one call under the origin plan
-    assert [(s.start, s.stop, s.kv_len) for s in prefill_steps(max_len, p, "origin")] == [(0, max_len, max_len)]
+    # a prompt of any length up to max_len runs as full-attention calls under the origin plan
+    assert [(s.start, s.stop, s.kv_len) for s in prefill_steps(max_len, p, "origin")][-1][1:] == (max_len, max_len)
 
 
 # ============================================================================ RoPE tables

@@ -71,10 +71,16 @@ struct Step {
   int64_t kv_len() const { return sink_len + (write_pos() - window_start) + q(); }
 };
 
+constexpr int64_t kFullPrefillChunk = 1024;  // runtime.mesa.FULL_PREFILL_CHUNK
+
 // [3] prefill_steps: first chunk, middle chunks (see the first chunk and themselves), last chunk.
 inline std::vector<Step> prefill_steps(int64_t L, const Params& p, const std::string& method = "mesa") {
   if (L < 1) throw MesaParamError("a prompt needs at least one token");
-  if (method == "origin") return {Step{0, L, 0, 0, p.chunk_width, "full"}};
+  if (method == "origin") {  // runtime.mesa.FULL_PREFILL_CHUNK: full-attention calls, each sees all before it
+    std::vector<Step> calls;
+    for (int64_t s = 0; s < L; s += kFullPrefillChunk) calls.push_back(Step{s, std::min(s + kFullPrefillChunk, L), 0, 0, p.chunk_width, "full"});
+    return calls;
+  }
   if (method != "mesa") throw MesaParamError("unknown method '" + method + "'; choose one of mesa, origin");
   const int64_t W = dynamic_split(L, p), F = p.first_chunk;
   std::vector<Step> steps{Step{0, std::min(F, L), 0, 0, W, "first"}};
