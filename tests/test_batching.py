@@ -255,21 +255,25 @@ def test_short_prompt_overtakes_a_long_prefill_and_both_stay_exact(model):
             return real(*args)
 
         batcher.step_fn = gated
-        order: list[str] = []
+        order: list[str] = []  # the order in which the two prefills finished, seen by the batcher itself
+        finish = batcher.decoder.finish_prefill  # (not by the readers: their threads may wake in any order)
+
+        def finished(work):
+            order.append("long" if len(work.ids) == len(long_ids) else "short")
+            return finish(work)
+
+        batcher.decoder.finish_prefill = finished
         long_stream = e.stream(long_ids, 6, stop_tokens=())
         assert entered.wait(30)
         short_stream = e.stream(short_ids, 6, stop_tokens=())
         gate.set()
 
-        def read(name, stream, out):
-            for token in stream:
-                if not out:
-                    order.append(name)  # the order in which the two prefills finished
-                out.append(token)
+        def read(stream, out):
+            out.extend(stream)
 
         got_long, got_short = [], []
-        threads = [threading.Thread(target=read, args=("long", long_stream, got_long)),
-                   threading.Thread(target=read, args=("short", short_stream, got_short))]
+        threads = [threading.Thread(target=read, args=(long_stream, got_long)),
+                   threading.Thread(target=read, args=(short_stream, got_short))]
         for t in threads:
             t.start()
         for t in threads:
