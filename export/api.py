@@ -117,6 +117,25 @@ def check_lengths(max_len: int, method: str, params) -> None:
         mesa.check_every_length(max_len, params)
 
 
+def other_method(method: str, params: dict | None, method_params: dict | None, rope, train_length: int,
+                 max_len: int):
+    """The runtime.methods.Method of an export (None for mesa and origin); MesaParamError for Mesa-only
+    parameters given to another method, or a RoPE scaling the method would replace."""
+    from runtime import mesa, methods
+
+    mesa_only = sorted(k for k, v in (params or {}).items() if v is not None and k != "train_length")
+    if method not in ("mesa", "origin") and mesa_only:
+        raise mesa.MesaParamError(f"{', '.join(mesa_only)}: Mesa parameter(s), unused by --method {method} "
+                                  "(its own flags are --window, --leaky-k, --group, --sink, --block, --factor)")
+    if method in ("dynamic-ntk", "yarn") and rope.linear_factor != 1.0:
+        raise mesa.MesaParamError(f"--method {method} replaces the checkpoint's linear RoPE scaling; "
+                                  "export a checkpoint without rope_scaling")
+    given = dict(method_params or {})
+    if method == "dynamic-ntk":
+        given.setdefault("rope_theta", rope.rope_theta)
+    return methods.default_method(method, train_length, max_len, given)
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -126,7 +145,7 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
     """Everything that can refuse the export, cheapest first, before the weights are read: (path, alias,
     config, params, the runtime.methods.Method or None). The `out` checks come before torch is even imported."""
     from export import commit, loading, preflight
-    from runtime import mesa, methods
+    from runtime import mesa
 
     path, alias = loading.resolve_model(str(model))
     for line in commit.sweep(out):  # first: it may put back an engine a dead export had moved aside
@@ -137,24 +156,13 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
     for w in loading.check_supported(config):
         log(f"warning: {w}")
     mesa_params = mesa.default_params(config.max_position_embeddings, alias and alias.params, params)
-    head_dim = loading.rope_config(config).head_dim
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    preflight.check_memory(max_len, head_dim, config.num_hidden_layers, kv_heads, dtype)
-    check_lengths(max_len, method, mesa_params)  # O(max_len): after the memory check has refused absurd lengths
-    mesa_only = sorted(k for k, v in (params or {}).items() if v is not None and k != "train_length")
-    if method not in ("mesa", "origin") and mesa_only:
-        raise mesa.MesaParamError(f"{', '.join(mesa_only)}: Mesa parameter(s), unused by --method {method} "
-                                  "(its own flags are --window, --leaky-k, --group, --sink, --block, --factor)")
-    given = dict(method_params or {})
     rope = loading.rope_config(config)
-    if method in ("dynamic-ntk", "yarn") and rope.linear_factor != 1.0:
-        raise mesa.MesaParamError(f"--method {method} replaces the checkpoint's linear RoPE scaling; "
-                                  "export a checkpoint without rope_scaling")
-    if method == "dynamic-ntk":
-        given.setdefault("rope_theta", rope.rope_theta)
-    method_obj = methods.default_method(method, mesa_params.train_length, max_len, given)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    preflight.check_memory(max_len, rope.head_dim, config.num_hidden_layers, kv_heads, dtype)
+    check_lengths(max_len, method, mesa_params)  # O(max_len): after the memory check has refused absurd lengths
+    method_obj = other_method(method, params, method_params, rope, mesa_params.train_length, max_len)
     shapes = loading.tensor_shapes(path)
-    preflight.check_disk(out, preflight.engine_bytes(shapes, dtype, max_len, head_dim))
+    preflight.check_disk(out, preflight.engine_bytes(shapes, dtype, max_len, rope.head_dim))
     return path, alias, config, mesa_params, method_obj
 
 

@@ -9,6 +9,7 @@ the exporter swaps it for the ONNX function of graph_ops/mesa_function.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -88,6 +89,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def _visible_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, step: mesa.Step):
+    """A step's keys and values: cache[layer] sink ++ window ++ the new block (mesa.visible_ranges)."""
+    kc, vc = k_cache[layer], v_cache[layer]
+    (s0, s1), (w0, w1), _ = step.visible_ranges
+    return (torch.cat((kc[:, :, s0:s1], kc[:, :, w0:w1], k), dim=2),
+            torch.cat((vc[:, :, s0:s1], vc[:, :, w0:w1], v), dim=2))
+
+
+def _attend(q_r: Tensor, k_r: Tensor, values: Tensor, visible: Tensor, pick=None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over visible pairs (GQA: keys repeated per group); `pick` = (near, q2_r,
+    k2_r): pairs not near are scored by q2, k2 instead."""
+    groups = q_r.shape[1] // k_r.shape[1]
+    d = math.sqrt(q_r.shape[-1])
+    scores = (q_r @ k_r.repeat_interleave(groups, dim=1).transpose(-1, -2)).float() / d
+    if pick is not None:
+        near, q2_r, k2_r = pick
+        far = (q2_r @ k2_r.repeat_interleave(groups, dim=1).transpose(-1, -2)).float() / d
+        scores = torch.where(torch.from_numpy(near), scores, far)
+    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    return scores.softmax(dim=-1).to(values.dtype) @ values.repeat_interleave(groups, dim=1)
+
+
 @torch.library.custom_op("mesa::attention", mutates_args=())
 def mesa_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
@@ -97,24 +120,15 @@ def mesa_attention(
     """Attention of one step (MESA_SPEC §4). q [B,H,q,d], k/v [B,Hkv,q,d] before RoPE;
     k_cache/v_cache [layers,B,Hkv,max_len,d]; returns [B,H,q,d]."""
     a, b, w, W = (int(t) for t in (sink_len, window_start, write_pos, chunk_width))
-    kc, vc = k_cache[layer], v_cache[layer]
-    (s0, s1), (w0, w1), _ = mesa.visible_ranges(a, b, w, q.shape[2])  # sink, window, then the new block
-    keys = torch.cat((kc[:, :, s0:s1], kc[:, :, w0:w1], k), dim=2)
-    values = torch.cat((vc[:, :, s0:s1], vc[:, :, w0:w1], v), dim=2)
+    keys, values = _visible_kv(k, v, k_cache, v_cache, layer, mesa.Step(w, w + q.shape[2], a, b, W))
     m, nq = keys.shape[2], q.shape[2]
     pos = torch.from_numpy(mesa.key_positions(m, W, train_length, push_width))
     cos_k, sin_k = cos[pos], sin[pos]
-    keys = apply_rope(keys, cos_k, sin_k)
     scale = torch.from_numpy(mesa.logn_scale(np.arange(m - nq, m), train_length)).to(q.dtype)
     queries = apply_rope(q, cos_k[m - nq:], sin_k[m - nq:]) * scale[:, None]
-    groups = q.shape[1] // k.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)
-    values = values.repeat_interleave(groups, dim=1)
     # cached keys are all visible; new key j is visible to new query i iff j <= i
     visible = torch.arange(m)[None, :] <= torch.arange(m - nq, m)[:, None]
-    scores = (queries @ keys.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
-    return (scores.softmax(dim=-1).to(values.dtype) @ values)
+    return _attend(queries, apply_rope(keys, cos_k, sin_k), values, visible)
 
 
 @mesa_attention.register_fake
@@ -128,19 +142,6 @@ def _rotate_at(x: Tensor, positions: np.ndarray, inv_freq: Tensor) -> Tensor:
     return apply_rope(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
 
 
-def _attend(q_r: Tensor, k_r: Tensor, values: Tensor, visible: Tensor, pick=None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over visible pairs; `pick` = (near, q2_r, k2_r): far pairs scored by q2, k2."""
-    groups = q_r.shape[1] // k_r.shape[1]
-    d = math.sqrt(q_r.shape[-1])
-    scores = (q_r @ k_r.repeat_interleave(groups, dim=1).transpose(-1, -2)).float() / d
-    if pick is not None:
-        near, q2_r, k2_r = pick
-        far = (q2_r @ k2_r.repeat_interleave(groups, dim=1).transpose(-1, -2)).float() / d
-        scores = torch.where(torch.from_numpy(near), scores, far)
-    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
-    return scores.softmax(dim=-1).to(values.dtype) @ values.repeat_interleave(groups, dim=1)
-
-
 @torch.library.custom_op("mesa::method_attention", mutates_args=())
 def method_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, inv_freq: Tensor,
@@ -149,13 +150,10 @@ def method_attention(
 ) -> Tensor:
     """Attention of one step for the methods of runtime/methods.py with an op of their own (pair
     methods, dynamic-ntk); the reference of graph_ops/methods_op.py. Same tensors as mesa::attention."""
-    m = methods.CLASSES[method](**json.loads(params))
+    m = _method(method, params)
     a, b, w = (int(t) for t in (sink_len, window_start, write_pos))
-    kc, vc = k_cache[layer], v_cache[layer]
     step = mesa.Step(w, w + q.shape[2], a, b, 1)
-    (s0, s1), (w0, w1), _ = step.visible_ranges
-    keys = torch.cat((kc[:, :, s0:s1], kc[:, :, w0:w1], k), dim=2)
-    values = torch.cat((vc[:, :, s0:s1], vc[:, :, w0:w1], v), dim=2)
+    keys, values = _visible_kv(k, v, k_cache, v_cache, layer, step)
     kp, qp = methods.call_positions(step)
     visible = torch.from_numpy(qp[:, None] >= kp[None, :])
     if isinstance(m, methods.DynamicNTK):
@@ -172,12 +170,18 @@ def method_attention(
     return _attend(_rotate_at(qs, e.p1_q, inv_freq), _rotate_at(keys, e.p1_k, inv_freq), values, visible, pick)
 
 
+@functools.cache
+def _method(name: str, params: str) -> methods.Method:
+    """The op's method from its attributes (parsed once, not per layer and step)."""
+    return methods.CLASSES[name](**json.loads(params))
+
+
 def _dynamic_inv_freq(m: methods.DynamicNTK, length: int, d: int) -> Tensor:
-    """transformers' dynamic-NTK frequencies for a sequence of `length` tokens, with its torch expressions
-    (the base in float32: transformers computes it from a tensor seq_len)."""
+    """transformers' dynamic-NTK frequencies for a sequence of `length` tokens: the default frequencies of
+    base' (computed in float32, as transformers does from a tensor seq_len)."""
     seq = torch.tensor(max(length, m.train_length), dtype=torch.int64)
     base = m.rope_theta * ((m.factor * seq / m.train_length) - (m.factor - 1)) ** (d / (d - 2))
-    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d))
+    return inv_frequencies(RopeConfig(head_dim=d, rope_theta=base))
 
 
 @method_attention.register_fake
@@ -199,11 +203,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def own_op(method: methods.Method | None) -> bool:
-    """Whether a method runs mesa::method_attention (else mesa::attention, with its step scalars)."""
-    return method is not None and (method.pairs or isinstance(method, methods.DynamicNTK))
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, mesa_attrs: tuple[int, int], method: methods.Method | None = None):
         super().__init__()
@@ -215,7 +214,7 @@ class Attention(nn.Module):
         self.shape = (h, kv, d)
         self.layer = layer
         self.train_length, self.push_width = mesa_attrs
-        self.method = method if own_op(method) else None
+        self.method = method if method is not None and method.own_op else None  # else mesa::attention
         self.method_json = json.dumps(method.as_dict(), sort_keys=True) if self.method else ""
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, rope: tuple[Tensor, Tensor, Tensor],

@@ -251,8 +251,7 @@ def prefill_steps(prompt_len: int, p: MesaParams, method: Method = "mesa") -> li
     if prompt_len < 1:
         raise MesaParamError("a prompt needs at least one token")
     if method == "origin":
-        return [Step(s, min(s + FULL_PREFILL_CHUNK, prompt_len), 0, 0, p.chunk_width, "full")
-                for s in range(0, prompt_len, FULL_PREFILL_CHUNK)]
+        return full_attention_steps(prompt_len, p.chunk_width)
     if method != "mesa":
         raise MesaParamError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     W = dynamic_split(prompt_len, p)
@@ -267,6 +266,15 @@ def prefill_steps(prompt_len: int, p: MesaParams, method: Method = "mesa") -> li
             steps.append(Step(s, prompt_len, 0, 0, W, "last"))
             break
     return steps
+
+
+def full_attention_steps(prompt_len: int, chunk_width: int, chunk: int | None = None) -> list[Step]:
+    """Calls of `chunk` tokens (default FULL_PREFILL_CHUNK), each seeing every earlier token: cache[0:s]
+    is the window (a = 0, b = 0). chunk_width is carried as given."""
+    if prompt_len < 1:
+        raise MesaParamError("a prompt needs at least one token")
+    chunk = chunk or FULL_PREFILL_CHUNK
+    return [Step(s, min(s + chunk, prompt_len), 0, 0, chunk_width, "full") for s in range(0, prompt_len, chunk)]
 
 
 def decode_step(pos: int, chunk_width: int) -> Step:
@@ -358,7 +366,8 @@ def check_request(prompt_len: int, max_new_tokens: int, max_len: int, p: MesaPar
 
 __all__ = [
     "GENERAL", "GENERAL_T", "METHODS", "MesaParamError", "MesaParams", "PRESETS", "Preset", "SPLIT_REMAINDER_LIMIT",
-    "Step", "check_every_length", "check_request", "chunk_widths", "decode_step", "default_params", "dynamic_split", "graph_params", "key_positions", "largest_distance", "logn_scale",
+    "Step", "check_every_length", "check_request", "chunk_widths", "decode_step", "default_params", "dynamic_split",
+    "full_attention_steps", "graph_params", "key_positions", "largest_distance", "logn_scale",
     "visible_ranges",
     "max_distance", "origin_params", "prefill_steps",
 ]

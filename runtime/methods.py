@@ -47,17 +47,24 @@ PREFILL_CHUNK = mesa.FULL_PREFILL_CHUNK  # full-attention prefill call size (the
 
 
 def _full_prefill(prompt_len: int, width: int = 1) -> list[Step]:
-    """Chunks that see every earlier token: cache[0:s] is the window (a = 0, b = 0)."""
-    if prompt_len < 1:
-        raise MesaParamError("a prompt needs at least one token")
-    return [Step(s, min(s + PREFILL_CHUNK, prompt_len), 0, 0, width, "last")
-            for s in range(0, prompt_len, PREFILL_CHUNK)]
+    return mesa.full_attention_steps(prompt_len, width, PREFILL_CHUNK)  # read here: tests change it
 
 
-def _windowed_step(start: int, stop: int, sink: int, window: int, kind: str) -> Step:
-    """A call over [start, stop) that sees cache[0:n_s] and the `window` tokens before `start`."""
-    a = min(sink, start)
-    return Step(start, stop, a, max(a, start - window), 1, kind)
+class _Windowed:
+    """Calls of the windowed methods (fields sink, window, block): blocks of c tokens, then single tokens,
+    each seeing cache[0:n_s] and the `window` tokens before it."""
+
+    def prefill_steps(self, prompt_len: int) -> list[Step]:
+        if prompt_len < 1:
+            raise MesaParamError("a prompt needs at least one token")
+        return [self._call(s, min(s + self.block, prompt_len), "window") for s in range(0, prompt_len, self.block)]
+
+    def decode_step(self, pos: int) -> Step:
+        return self._call(pos, pos + 1, "decode")
+
+    def _call(self, start: int, stop: int, kind: str) -> Step:
+        a = min(self.sink, start)
+        return Step(start, stop, a, max(a, start - self.window), 1, kind)
 
 
 def _positive(**values) -> None:
@@ -71,7 +78,7 @@ class Method:
     """What every method answers; subclasses add their parameters as fields."""
 
     name: ClassVar[str]
-    pairs: ClassVar[bool] = False  # two encodings per call (graph_ops/methods_op.py PairAttention)
+    own_op: ClassVar[bool] = False  # an attention op of its own (graph_ops/methods_op.py), not MesaAttention
 
     def prefill_steps(self, prompt_len: int) -> list[Step]:
         return _full_prefill(prompt_len)
@@ -128,13 +135,10 @@ class ReRoPE(Method):
     window: int  # w
     train_length: int  # T, for log-n
     name: ClassVar[str] = "rerope"
-    pairs: ClassVar[bool] = True
+    own_op: ClassVar[bool] = True  # two encodings per call: PairAttend
 
     def __post_init__(self):
         _positive(window=self.window, train_length=self.train_length)
-
-    def distance(self, d: np.ndarray) -> np.ndarray:
-        return np.minimum(d, self.window)
 
     def far_positions(self, keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(keys.shape, np.float32), np.full(queries.shape, self.window, np.float32)
@@ -170,16 +174,14 @@ class LeakyReRoPE(ReRoPE):
         if not self.k > 1:
             raise MesaParamError(f"leaky factor k must be > 1, got {self.k}")
 
-    def distance(self, d: np.ndarray) -> np.ndarray:
-        return np.where(d < self.window, d, self.window + (d - self.window) / self.k)
-
     def far_positions(self, keys, queries):
         k = np.float32(self.k)
         return ((keys.astype(np.float32) / k).astype(np.float32),
                 (queries.astype(np.float32) / k + np.float32(self.window * (1 - 1 / self.k))).astype(np.float32))
 
     def largest_distance(self, max_len: int) -> int:
-        return int(math.ceil(self.distance(np.array(max_len - 1.0)))) if max_len - 1 >= self.window else max_len - 1
+        d = max_len - 1  # the far distance w + (d - w) / k grows with d
+        return int(math.ceil(self.window + (d - self.window) / self.k)) if d >= self.window else d
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,6 @@ class SelfExtend(ReRoPE):
     def __post_init__(self):
         super().__post_init__()
         _positive(group=self.group)
-
-    def distance(self, d):  # for a query at i and key j the far distance depends on both, not on d alone
-        raise NotImplementedError
 
     def far_positions(self, keys, queries):
         G, wn = self.group, self.window
@@ -216,7 +215,7 @@ class SelfExtend(ReRoPE):
 
 
 @dataclass(frozen=True)
-class LMInfinite(ReRoPE):
+class LMInfinite(_Windowed, ReRoPE):
     """window = the recent tokens R before a block; sink = n_global; cap = the distance limit L
     (train_length doubles as L: the paper sets it to the pre-training length); block = c."""
 
@@ -228,20 +227,8 @@ class LMInfinite(ReRoPE):
         super().__post_init__()
         _positive(sink=self.sink, block=self.block)
 
-    def prefill_steps(self, prompt_len: int) -> list[Step]:
-        if prompt_len < 1:
-            raise MesaParamError("a prompt needs at least one token")
-        return [_windowed_step(s, min(s + self.block, prompt_len), self.sink, self.window, "window")
-                for s in range(0, prompt_len, self.block)]
-
-    def decode_step(self, pos: int) -> Step:
-        return _windowed_step(pos, pos + 1, self.sink, self.window, "decode")
-
     def near(self, d):
         return d < self.train_length
-
-    def distance(self, d):
-        return np.minimum(d, self.train_length)
 
     def far_positions(self, keys, queries):
         return np.zeros(keys.shape, np.float32), np.full(queries.shape, self.train_length, np.float32)
@@ -261,7 +248,7 @@ class LMInfinite(ReRoPE):
 # ------------------------------------------------------------------------- window and RoPE methods
 
 @dataclass(frozen=True)
-class StreamingLLM(Method):
+class StreamingLLM(_Windowed, Method):
     """Runs the Mesa op with plain positions (T = max_len + 1): positions are the call's own indices."""
 
     sink: int  # n_s
@@ -271,9 +258,6 @@ class StreamingLLM(Method):
 
     def __post_init__(self):
         _positive(sink=self.sink, window=self.window, block=self.block)
-
-    prefill_steps = LMInfinite.prefill_steps
-    decode_step = LMInfinite.decode_step
 
     def largest_distance(self, max_len: int) -> int:
         return int(min(max_len - 1, self.sink + self.window + self.block - 1))
@@ -288,6 +272,7 @@ class DynamicNTK(Method):
     train_length: int  # T (transformers: max_position_embeddings)
     rope_theta: float = 10000.0  # the model's base
     name: ClassVar[str] = "dynamic-ntk"
+    own_op: ClassVar[bool] = True  # the base computed per call: DynamicNTKAttention
 
     def __post_init__(self):
         _positive(train_length=self.train_length)

@@ -57,9 +57,10 @@ def export_method(model: Path, out: Path, max_len: int, method: str, params: dic
     except ArtifactError:
         pass
     log(f"exporting {out.name}: {model.name}, --method {method}, max_len {max_len}")
+    if params and method != "mesa":  # the other methods take T alone from the Mesa parameters
+        params = {"train_length": params["train_length"]}
     with contextlib.redirect_stdout(io.StringIO()):
-        m = export_engine(model, out, max_len=max_len, method=method, params=params if method == "mesa" else
-                          {"train_length": params["train_length"]} if params else None, force=True, progress=False)
+        m = export_engine(model, out, max_len=max_len, method=method, params=params, force=True, progress=False)
     return _params(m)
 
 
