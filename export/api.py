@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.artifact import Manifest
-from runtime.methods import METHODS
+from runtime.methods import INPLACE_METHODS, METHODS
 TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")  # graph_ops.pipeline.TARGETS (not imported: seconds)
 # graph_ops.precision.PRECISIONS (not imported: seconds); fp* are float engines, int* quantize MatMul weights
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-int4")
+DECODE_KERNELS = ("gqa", "grouped")  # graph_ops.pipeline.DECODE_KERNELS (not imported: seconds)
 STAGES = ("load", "trace", "passes", "save", "verify")  # commit.fault points, in order
 
 
@@ -52,7 +53,7 @@ def float_dtype(precision: str) -> str:
 def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa",
                   params: dict | None = None, target: str = "ort-cpu", precision: str | None = None,
                   force: bool = False, verify: bool = True, progress: bool = True,
-                  method_params: dict | None = None) -> Manifest:
+                  method_params: dict | None = None, decode_kernel: str = "gqa") -> Manifest:
     """Export `model` (an alias, a local HF folder, or an HF id in the local cache) to the engine directory
     `out` and return its manifest.
 
@@ -63,10 +64,13 @@ def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: s
     other methods' parameters over their defaults (methods.default_method);
     target: portable | ort-cpu | ort-cuda | tensorrt; precision: fp32 | fp16 | bf16 (a float engine of that
     type; default fp16 for ort-cuda and tensorrt, else fp32) or int8 | int4 | int8-int4 (MatMul weights
-    quantized, the rest fp32; ort-cpu only; graph_ops/precision.py says how); force: replace `out` if it is an engine directory
+    quantized, the rest fp32; ort-cpu only; graph_ops/precision.py says how); decode_kernel: gqa (ORT's
+    GroupQueryAttention) or grouped (the Mesa CPU kernel, runtime/ops: each KV head read once per step;
+    ort-cpu, methods with the in-place decode cache, needs the library scripts/build_cpp.sh builds); force: replace `out` if it is an engine directory
     or empty; verify: check the engine against the PyTorch reference; progress: a bar on stderr."""
     return run_export(model, out, max_len=max_len, method=method, params=params, target=target, precision=precision,
-                      force=force, verify=verify, progress=progress, method_params=method_params).manifest
+                      force=force, verify=verify, progress=progress, method_params=method_params,
+                      decode_kernel=decode_kernel).manifest
 
 
 def errors() -> tuple[type[Exception], ...]:
@@ -94,11 +98,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def check_options(method: str, target: str, precision: str, max_len) -> None:
+def check_options(method: str, target: str, precision: str, max_len, decode_kernel: str = "gqa") -> None:
     from export.preflight import Refused
 
     for name, value, choices in (("method", method, METHODS), ("target", target, TARGETS),
-                                 ("precision", precision, PRECISIONS)):
+                                 ("precision", precision, PRECISIONS), ("decode_kernel", decode_kernel, DECODE_KERNELS)):
         if value not in choices:
             raise Refused(f"{name} {value!r} is not one of {', '.join(choices)}")
     if precision.startswith("int") and target != "ort-cpu":
@@ -106,6 +110,25 @@ def check_options(method: str, target: str, precision: str, max_len) -> None:
                       f"not {target}")
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
         raise Refused(f"max_len must be an integer, got {max_len!r}")
+    if decode_kernel == "grouped":
+        check_grouped(method, target)
+
+
+def check_grouped(method: str, target: str) -> None:
+    """--decode-kernel grouped: an ort-cpu engine with the in-place decode cache, and the kernels built."""
+    from export.preflight import Refused
+    from runtime import custom_ops
+
+    if target != "ort-cpu" or method not in INPLACE_METHODS:
+        raise Refused(f"--decode-kernel grouped is for --target ort-cpu engines of methods {', '.join(INPLACE_METHODS)} "
+                      f"(the in-place decode cache), not target {target} / method {method}")
+    try:
+        found = custom_ops.library()
+    except custom_ops.CustomOpsError as e:
+        raise Refused(str(e)) from None
+    if found is None:
+        raise Refused("--decode-kernel grouped needs the Mesa CPU kernels: build them with `bash scripts/build_cpp.sh` "
+                      f"(build/cpp/libmesa_ops.so) or set {custom_ops.ENV}")
 
 
 def check_lengths(max_len: int, method: str, params) -> None:
@@ -169,7 +192,7 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
 def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa", params: dict | None = None,
                target: str = "ort-cpu", precision: str | None = None, force: bool = False,
                verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr,
-               method_params: dict | None = None) -> ExportResult:
+               method_params: dict | None = None, decode_kernel: str = "gqa") -> ExportResult:
     """export_engine with what the CLI's summary needs (op counts, the verify report); `log` gets the
     warning lines and what the sweep of dead exports' leftovers did."""
     from export import commit
@@ -178,7 +201,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
     out = Path(out).expanduser().resolve()
     staging = bar = None
     try:
-        check_options(method, target, precision, max_len)
+        check_options(method, target, precision, max_len, decode_kernel)
         dtype = float_dtype(precision)
         max_len = int(max_len)  # numpy integers too; the manifest is JSON
         path, alias, config, mesa_params, method_obj = preflight_checks(model, out, max_len, method, params, force,
@@ -206,7 +229,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
         stage("passes")
         passes, decode_graph = pipeline.export_graphs(
             graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"),
-            method=method)
+            method=method, decode_kernel=decode_kernel)
         bar.update()
 
         manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target, precision, decode_graph)

@@ -32,7 +32,8 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from graph_ops import cleanup, inline_parts, lower_attention, mesa_op, methods_op, precision, step_positions, tensorrt_ops
+from runtime.methods import INPLACE_METHODS
+from graph_ops import cleanup, grouped_decode, inline_parts, lower_attention, mesa_op, methods_op, precision, step_positions, tensorrt_ops
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ PRECISIONS = precision.PRECISIONS
 # Measured (scripts/bench_passes.py, model M, 8k prompt, 2-core CPU, medians of 3): prefill / decode at 8k
 # gqa 22.3 s / 119 ms, attention 28.6 s / 82 ms, auto 22.2 s / 85 ms (portable: 36.4 s / 102 ms).
 ORT_CPU_KERNEL = "inplace"
-# Methods whose cached keys keep their positions from step to step, which the in-place decode cache needs;
-# the others (the call's own positions: streaming-llm) lower MesaAttention with `auto` on ort-cpu.
-INPLACE_METHODS = ("mesa", "origin", "yarn")
+DECODE_KERNELS = ("gqa", "grouped")  # the in-place decode attention: ORT's GroupQueryAttention, the Mesa CPU kernel
 
 
 class PassError(RuntimeError):
@@ -70,10 +69,11 @@ def _fuse(model: ir.Model) -> None:
     step_positions.fuse_step_positions(model)
 
 
-def _quantizer(name: str, quantize: Callable[[ir.Model], int]) -> "GraphPass":
+def _counting(name: str, rewrite: Callable[[ir.Model], int], found_nothing: str) -> "GraphPass":
+    """A pass whose rewrite returns how many nodes it changed; none is an error."""
     def run(model: ir.Model) -> None:
-        if not quantize(model):
-            raise PassError(f"{name} found no MatMul with constant weights")
+        if not rewrite(model):
+            raise PassError(f"{name} found {found_nothing}")
 
     return GraphPass(name, run)
 
@@ -87,8 +87,8 @@ def _check_half(model: ir.Model) -> None:
 FUSE = GraphPass("fuse_step_positions", _fuse)
 INLINE = GraphPass("inline_parts", lambda m: inline_parts.inline_parts(m))
 CLEANUP = GraphPass("cleanup", lambda m: cleanup.cleanup(m))
-QUANTIZE = {"int8": _quantizer("quantize_int8", precision.quantize_int8),
-            "int4": _quantizer("quantize_int4", precision.quantize_int4)}
+QUANTIZE = {"int8": _counting("quantize_int8", precision.quantize_int8, "no MatMul with constant weights"),
+            "int4": _counting("quantize_int4", precision.quantize_int4, "no MatMul with constant weights")}
 CHECK_HALF = GraphPass("check_half_precision", _check_half)
 def _check_tensorrt(model: ir.Model) -> None:
     try:
@@ -98,6 +98,7 @@ def _check_tensorrt(model: ir.Model) -> None:
 
 
 CHECK_TENSORRT = GraphPass("check_tensorrt_ops", _check_tensorrt)
+GROUPED_DECODE = _counting("grouped_decode", grouped_decode.grouped_decode, "no in-place decode attention to rewrite")
 
 PIPELINES: dict[str, list[GraphPass]] = {
     "portable": [],
@@ -107,19 +108,27 @@ PIPELINES: dict[str, list[GraphPass]] = {
 }
 
 
-def passes_for(target: str, precision_: str = "fp32", method: str = "mesa") -> list[GraphPass]:
+def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
+               decode_kernel: str = "gqa") -> list[GraphPass]:
     """The passes of the graph an engine's prefill steps run (and, but for int8-int4, its decode steps).
     Methods with an op of their own (graph_ops/methods_op.py) have no MesaAttention to lower or fuse; the
-    others but INPLACE_METHODS lower with `auto` on ort-cpu."""
+    others but INPLACE_METHODS lower with `auto` on ort-cpu. decode_kernel grouped adds grouped_decode
+    (ort-cpu, INPLACE_METHODS)."""
     if target not in PIPELINES:
         raise PassError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision_ not in PRECISIONS:
         raise PassError(f"unknown precision {precision_!r}; choose one of {', '.join(PRECISIONS)}")
+    if decode_kernel not in DECODE_KERNELS:
+        raise PassError(f"unknown decode kernel {decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}")
     passes = list(PIPELINES[target])
     if method in methods_op.OPS:
         passes = [p for p in passes if p is not FUSE and not p.name.startswith("lower_attention")]
     elif target == "ort-cpu" and method not in INPLACE_METHODS:
         passes[0] = _lower("auto")
+    if decode_kernel == "grouped":
+        if target != "ort-cpu" or method not in INPLACE_METHODS:
+            raise PassError(f"decode kernel grouped is for target ort-cpu and methods {', '.join(INPLACE_METHODS)}")
+        passes.append(GROUPED_DECODE)
     if precision_ in precision.QUANTIZED_PRECISIONS:
         if target != "ort-cpu":
             raise PassError(f"--precision {precision_} (onnxruntime.quantization's CPU kernels) is for --target ort-cpu")
@@ -136,20 +145,21 @@ def _apply(model: ir.Model, passes: list[GraphPass], progress) -> list[str]:
 
 
 def run_passes(model: ir.Model, target: str, precision_: str = "fp32",
-               progress: Callable[[str], None] | None = None, method: str = "mesa") -> list[str]:
+               progress: Callable[[str], None] | None = None, method: str = "mesa",
+               decode_kernel: str = "gqa") -> list[str]:
     """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
-    return _apply(model, passes_for(target, precision_, method), progress)
+    return _apply(model, passes_for(target, precision_, method, decode_kernel), progress)
 
 
 def export_graphs(model: ir.Model, target: str, precision_: str = "fp32",
-                  progress: Callable[[str], None] | None = None,
-                  method: str = "mesa") -> tuple[list[str], ir.Model | None]:
+                  progress: Callable[[str], None] | None = None, method: str = "mesa",
+                  decode_kernel: str = "gqa") -> tuple[list[str], ir.Model | None]:
     """run_passes, and for int8-int4 the decode graph: the lowered float graph is copied before the int8
     pass and the copy quantized to int4 (weight traffic is what a decode step costs, MatMul rate what a
     prefill costs). Returns (the passes of `model`, the decode graph or None)."""
     if precision_ != "int8-int4":
-        return run_passes(model, target, precision_, progress, method), None
-    passes = passes_for(target, precision_, method)
+        return run_passes(model, target, precision_, progress, method, decode_kernel), None
+    passes = passes_for(target, precision_, method, decode_kernel)
     names = _apply(model, passes[:-1], progress)
     decode = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     _apply(decode, [QUANTIZE["int4"]], progress)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime import mesa
+from runtime import custom_ops, mesa
 from runtime.artifact import DECODE_CACHE, DECODE_INPUTS, DECODE_PRESENT
 from runtime.errors import BackendError, LoadError
 from runtime.kv_cache import CacheShape, KVCache
@@ -58,8 +58,13 @@ class OrtStep:
         if isinstance(model, ort.InferenceSession):
             self.session = model
         else:
-            self.session = ort.InferenceSession(str(model), options or ort.SessionOptions(),
-                                                providers=providers or ["CPUExecutionProvider"])
+            try:
+                self.session = ort.InferenceSession(str(model), custom_ops.register(options or ort.SessionOptions()),
+                                                    providers=providers or ["CPUExecutionProvider"])
+            except custom_ops.CustomOpsError as e:
+                raise LoadError(str(e)) from None
+            except Exception as e:  # ORT's own exception types share no base class but Exception
+                raise LoadError(f"ONNX Runtime cannot load {model}: {custom_ops.explain(e)}") from None
         names = {i.name for i in self.session.get_inputs()}
         self.inplace = DECODE_INPUTS[0] in names
         self.layers = sum(n.startswith("past_key_") for n in names)
@@ -355,9 +360,12 @@ def open_backend(requested: str, directory: Path, model_path: Path, cache: Cache
     wanted = pick_backend(requested, target)
     providers = provider_chain(wanted, directory, cache, max_len, dtype)
     try:
-        session = ort.InferenceSession(str(model_path), options or ort.SessionOptions(), providers=providers)
+        session = ort.InferenceSession(str(model_path), custom_ops.register(options or ort.SessionOptions()),
+                                       providers=providers)
+    except custom_ops.CustomOpsError as e:
+        raise LoadError(str(e)) from None
     except Exception as e:  # ORT's own exception types share no base class but Exception
-        raise LoadError(f"ONNX Runtime cannot load {model_path}: {e}") from None
+        raise LoadError(f"ONNX Runtime cannot load {model_path}: {custom_ops.explain(e)}") from None
     running = next(b for b, p in PROVIDERS.items() if p == session.get_providers()[0])
     if requested != "auto" and running != requested:
         raise BackendError(f"backend {requested} could not start (ONNX Runtime fell back to "

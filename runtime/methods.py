@@ -44,6 +44,9 @@ from runtime.mesa import MesaParamError, Step
 METHODS: tuple[str, ...] = ("mesa", "origin", "rerope", "leaky-rerope", "self-extend", "streaming-llm",
                             "lm-infinite", "dynamic-ntk", "yarn")
 PREFILL_CHUNK = mesa.FULL_PREFILL_CHUNK  # full-attention prefill call size (the logits do not depend on it)
+# Methods whose cached keys keep their positions from step to step, which the in-place decode cache needs;
+# the others (the call's own positions: streaming-llm) lower MesaAttention with `auto` on ort-cpu.
+INPLACE_METHODS: tuple[str, ...] = ("mesa", "origin", "yarn")
 
 
 def _full_prefill(prompt_len: int, width: int = 1) -> list[Step]:

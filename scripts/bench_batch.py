@@ -2,8 +2,8 @@
 
     python scripts/bench_batch.py [--context 2048] [--batches 1,2,4,8] [--tokens 48] [--out bench_out/batch]
 
-Uses the engine of scripts/bench.py (model M exported with the default ort-cpu target; exported once into
---work). For each B, one engine with B slots gets B prompts of --context tokens in one generate() call;
+Uses model M exported for the ort-cpu target twice, with each decode kernel (gqa: ORT's GroupQueryAttention;
+grouped: the Mesa CPU kernel, when scripts/build_cpp.sh has built it), exported once into --work. For each B, one engine with B slots gets B prompts of --context tokens in one generate() call;
 the batcher prefills them and then steps every running row in one decode call. A figure is the median
 duration of the decode calls that stepped all B rows (runtime.batcher keeps each call's row count and
 seconds), so the prefills around them do not count: tokens/s = B / that median. The limit: a call reads
@@ -53,15 +53,17 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    B = [r["batch"] for r in rows]
-    tps = [r["tokens_per_s"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(B, tps, "o-", label="ours: B rows in one decode call")
-    ax.plot(B, [tps[0] * b for b in B], ":", color="grey", label="B x one sequence (ideal)")
+    for kernel in dict.fromkeys(r["decode_kernel"] for r in rows):
+        mine = [r for r in rows if r["decode_kernel"] == kernel]
+        B, tps = [r["batch"] for r in mine], [r["tokens_per_s"] for r in mine]
+        ax.plot(B, tps, "o-", label=f"ours, decode kernel {kernel}: B rows in one call")
+        ax.plot(B, [tps[0] * b for b in B], ":", color=ax.lines[-1].get_color(), alpha=0.5,
+                label=f"B x one sequence ({kernel})")
     ax.set_xlabel("sequences decoding together (B)")
     ax.set_ylabel("generated tokens / s (all rows)")
     ax.set_title(f"model M, {rows[0]['context']} tokens of context each")
-    ax.set_xticks(B)
+    ax.set_xticks(sorted({r["batch"] for r in rows}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -80,18 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = make_model_m(work / "model_m")
-    engine = export_ours(model, work / f"engine_batch_{args.context}", args.context + args.tokens + 64, "ort-cpu")
+    from runtime import custom_ops
+
+    kernels = ["gqa"] + (["grouped"] if custom_ops.library() is not None else [])
+    if len(kernels) == 1:
+        print("decode kernel grouped skipped: the Mesa CPU kernels are not built (bash scripts/build_cpp.sh)",
+              file=sys.stderr)
+    engines = {k: export_ours(model, work / f"engine_batch_{args.context}_{k}", args.context + args.tokens + 64,
+                              "ort-cpu", decode_kernel=k) for k in kernels}
     rows = []
-    for B in args.batches:
-        rows.append(measure(engine, B, args.context, args.tokens))
-        r = rows[-1]
-        print(f"B={B}: {r['step_ms']:.1f} ms per call, {r['tokens_per_s']:.1f} tokens/s "
-              f"({r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x one sequence)", flush=True)
+    for B in args.batches:  # the kernels interleaved, so both see the machine in the same state
+        for kernel, engine in engines.items():
+            rows.append({"decode_kernel": kernel, **measure(engine, B, args.context, args.tokens)})
+            r, one = rows[-1], next(x for x in rows if x["decode_kernel"] == kernel)
+            print(f"{kernel} B={B}: {r['step_ms']:.1f} ms per call, {r['tokens_per_s']:.1f} tokens/s "
+                  f"({r['tokens_per_s'] / one['tokens_per_s']:.2f}x one sequence)", flush=True)
     result = {"machine": machine(), "rows": rows}
     (out / "batch.json").write_text(json.dumps(result, indent=1))
-    lines = ["| sequences B | ms per decode call | tokens/s (all rows) | vs B = 1 |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "
-              f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x |" for r in rows]
+    one = {r["decode_kernel"]: r for r in rows if r["batch"] == args.batches[0]}
+    lines = ["| decode kernel | sequences B | ms per decode call | tokens/s (all rows) | vs B = 1 |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['decode_kernel']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / one[r['decode_kernel']]['tokens_per_s']:.2f}x |" for r in rows]
     (out / "batch.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "batch.png")
     print("\n".join(lines))

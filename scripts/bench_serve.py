@@ -97,7 +97,8 @@ def run(args, setting: dict) -> dict:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = make_model_m(work / "model_M")
-    engine = export_ours(model, work / "engine_M_mesa", MAX_LEN, "ort-cpu")  # bench.py's engine
+    name = "engine_M_mesa" + ("" if args.decode_kernel == "gqa" else f"_{args.decode_kernel}")  # bench.py's engines
+    engine = export_ours(model, work / name, MAX_LEN, "ort-cpu", decode_kernel=args.decode_kernel)
     slots = max(setting["concurrency"])
     proc, url = start_server(engine, slots, out / "server.log")
     rows = []
@@ -116,7 +117,8 @@ def run(args, setting: dict) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return {"machine": machine(), "engine": str(engine), "slots": slots, "setting": setting, "rows": rows}
+    return {"machine": machine(), "engine": str(engine), "decode_kernel": args.decode_kernel, "slots": slots,
+            "setting": setting, "rows": rows}
 
 
 def by_length(row: dict) -> dict[int, dict]:
@@ -154,7 +156,7 @@ def goals(result: dict) -> list[str]:
 def markdown(result: dict) -> str:
     s = result["setting"]
     lines = [f"{s['tokens']} generated tokens per request, {s['rounds']} requests per client, --slots "
-             f"{result['slots']}; TTFT seen by the client.", "",
+             f"{result['slots']}, decode kernel {result.get('decode_kernel', 'gqa')}; TTFT seen by the client.", "",
              "| workload | clients | requests | generated tokens/s | TTFT p50 | TTFT p99 | ms/token (median) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['workload']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="requests per client per level (default 2)")
     p.add_argument("--workload", help="run only this workload (1k or 1k+8k; with --quick, 64 or 64+256)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one request may take")
+    p.add_argument("--decode-kernel", choices=("gqa", "grouped"), default="gqa",
+                   help="the engine's decode kernel (export.py --decode-kernel; grouped needs scripts/build_cpp.sh)")
     p.add_argument("--work", default=str(ROOT / "bench_out"), help="where model M and its engine live")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "serve"))
     p.add_argument("--report-only", action="store_true", help="rewrite serve.md and serve.png from --out's serve.json")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the C++ runner (runtime/cpp) into build/cpp/mesa_generate, fetching what it needs from Debian's packages:
+# Build the C++ runner (runtime/cpp) into build/cpp/mesa_generate and the custom-op library
+# (runtime/ops) into build/cpp/libmesa_ops.so, fetching what it needs from Debian's packages:
 #   cmake, g++, nlohmann-json3-dev  the system's apt (installed when missing; needs root, as in CI)
 #   ONNX Runtime headers            Debian 13 "trixie" libonnxruntime-dev, downloaded with apt pointed at a trixie
 #                                   list in a private apt directory under build/ (the system's apt is not changed)

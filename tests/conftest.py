@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,31 @@ def official_case(request) -> OfficialCase:
 MESA_T64 = {"train_length": 64, "first_chunk": 4, "first_chunk_cache": 4, "last_context": 16, "reserve_tokens": 4,
             "push_width": 4, "chunk_width": 64}
 MESA_T64_FLAGS = [x for k, v in MESA_T64.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    """n token ids of a tiny checkpoint's vocabulary (96 of them are used)."""
+    return np.random.default_rng(seed).integers(0, 96, n).tolist()
+
+
+def reference_greedy(ckpt, ids, steps: int, max_len: int, params: mesa.MesaParams | None = None):
+    """(tokens fed, logits [steps, vocab]) of greedy decoding on the PyTorch reference (MESA_T64 by default)."""
+    from runtime import scheduler
+
+    params = params or mesa.MesaParams(**MESA_T64)
+    step, cache = reference(ckpt, params, max_len)
+    logits, seq = scheduler.prefill(step, np.asarray(ids), mesa.prefill_steps(len(ids), params), cache,
+                                    all_logits=False)
+    fed, out = [int(np.argmax(logits[-1]))], []
+    for _ in range(steps):
+        out.append(scheduler.decode(step, fed[-1], seq, cache))
+        fed.append(int(np.argmax(out[-1])))
+    return fed[:-1], np.stack(out)
+
+
+def anchor_jumps(L: int, steps: int, W: int, T: int = MESA_T64["train_length"]) -> int:
+    """Decode steps (S = L + 1 .. L + steps keys) at which Stair PE moves every cached key."""
+    return sum(S > T and (S - 1) % W == 0 for S in range(L + 2, L + steps + 1)) + (L + 1 <= T < L + steps)
 
 
 def tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
@@ -129,3 +157,19 @@ def official_engine(tmp_path_factory):
         return engines[name]
 
     return engine
+
+
+BUILD_CANNOT = 3  # scripts/build_cpp.sh: the build tools cannot be had here
+
+
+@pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """build/cpp after scripts/build_cpp.sh (the C++ runner and libmesa_ops.so); skips, saying why, only where
+    the script says the build tools cannot be had."""
+    root = fixtures.ROOT
+    run = subprocess.run(["bash", str(root / "scripts" / "build_cpp.sh")], capture_output=True, text=True,
+                         timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+    if run.returncode == BUILD_CANNOT:
+        pytest.skip(run.stderr.strip().splitlines()[-1])
+    assert run.returncode == 0, f"build_cpp.sh failed:\n{run.stderr[-4000:]}"
+    return root / "build" / "cpp"

@@ -14,9 +14,17 @@ import time
 import numpy as np
 import pytest
 
-from runtime import mesa, scheduler
+from runtime import mesa
 from runtime.engine import EngineError, MesaEngine, RequestError
-from tests.conftest import MESA_T64, MESA_T64_FLAGS, export_engine, reference, tiny_checkpoint
+from tests.conftest import (
+    MESA_T64,
+    MESA_T64_FLAGS,
+    anchor_jumps,
+    export_engine,
+    prompt,
+    reference_greedy,
+    tiny_checkpoint,
+)
 
 TOL = 1e-4
 T = MESA_T64["train_length"]
@@ -41,27 +49,6 @@ def engine(model):
     e.close()
 
 
-def prompt(n: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 96, n).tolist()
-
-
-def reference_greedy(ckpt, ids, steps: int):
-    """(tokens fed, logits [steps, vocab]) of greedy decoding on the PyTorch reference."""
-    step, cache = reference(ckpt, PARAMS, MAX_LEN)
-    logits, seq = scheduler.prefill(step, np.asarray(ids), mesa.prefill_steps(len(ids), PARAMS), cache,
-                                    all_logits=False)
-    fed, out = [int(np.argmax(logits[-1]))], []
-    for _ in range(steps):
-        out.append(scheduler.decode(step, fed[-1], seq, cache))
-        fed.append(int(np.argmax(out[-1])))
-    return fed[:-1], np.stack(out)
-
-
-def anchor_jumps(L: int, steps: int, W: int) -> int:
-    """Decode steps (S = L + 1 .. L + steps keys) at which Stair PE moves every cached key."""
-    return sum(S > T and (S - 1) % W == 0 for S in range(L + 2, L + steps + 1)) + (L + 1 <= T < L + steps)
-
-
 @pytest.mark.parametrize("L", [40, 150])
 def test_long_decode_matches_the_reference_across_anchor_jumps(model, engine, L):
     ckpt, _ = model
@@ -69,7 +56,7 @@ def test_long_decode_matches_the_reference_across_anchor_jumps(model, engine, L)
     ids = prompt(L, L)
     W = mesa.dynamic_split(L, PARAMS)
     assert anchor_jumps(L, steps, W) >= 4  # S passes T, then the anchor moves every W steps
-    fed, expected = reference_greedy(ckpt, ids, steps)
+    fed, expected = reference_greedy(ckpt, ids, steps, MAX_LEN)
     with engine.sequence(ids) as seq:
         first = seq.step()
         assert int(np.argmax(first)) == fed[0]

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +27,9 @@ T = MESA_T64["train_length"]
 MAX_LEN = 480
 FLAGS = MESA_T64_FLAGS
 PARAMS = mesa.MesaParams(**MESA_T64)
-BUILD_CANNOT = 3  # scripts/build_cpp.sh: the build tools cannot be had here
-
-
 @pytest.fixture(scope="module")
-def binary() -> Path:
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "build_cpp.sh")], capture_output=True, text=True,
-                         timeout=1200, env={**os.environ, "PYTHON": sys.executable})
-    if run.returncode == BUILD_CANNOT:
-        pytest.skip(run.stderr.strip().splitlines()[-1])
-    assert run.returncode == 0, f"build_cpp.sh failed:\n{run.stderr[-4000:]}"
-    path = Path(run.stdout.strip().splitlines()[-1])
+def binary(cpp_build) -> Path:
+    path = cpp_build / "mesa_generate"
     assert path == ROOT / "build" / "cpp" / "mesa_generate" and path.is_file()
     return path
 
@@ -86,6 +77,23 @@ def test_published_fixture_logits(binary, tmp_path):
     assert np.abs(prefill - case.prefill_logits).max() <= TOL
     assert np.abs(decode - case.decode_logits).max() <= TOL
     assert rows == [case.fed_tokens + case.argmax_tokens[-1:]]
+
+
+def test_grouped_decode_kernel_engine(binary, tmp_path):
+    """An engine exported with --decode-kernel grouped: the runner loads libmesa_ops.so from beside itself and
+    reproduces the published logits; pointed at no library, it refuses in one line saying how to build it."""
+    case = load_official("a_L300_gqa")
+    engine_dir = quiet_export(case.model_dir, tmp_path / "engine", case.max_len,
+                              [*case.export_args(), "--decode-kernel", "grouped"])
+    rows, _ = cpp(binary, engine_dir, case.input_ids.tolist(), "--max-new-tokens", "17", "--save-logits",
+                  str(tmp_path / "out"), tmp=tmp_path)
+    assert np.abs(np.load(tmp_path / "out.prefill.npy") - case.prefill_logits).max() <= TOL
+    assert np.abs(np.load(tmp_path / "out.decode.npy") - case.decode_logits).max() <= TOL
+    assert rows == [case.fed_tokens + case.argmax_tokens[-1:]]
+    ids_file = tmp_path / "ids.json"
+    run = subprocess.run([str(binary), str(engine_dir), "--input-ids-file", str(ids_file)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "MESA_OPS_LIBRARY": str(tmp_path / "none.so")})
+    assert run.returncode != 0 and "scripts/build_cpp.sh" in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
 def test_greedy_matches_python_across_anchor_jumps(binary, tiny, tmp_path):

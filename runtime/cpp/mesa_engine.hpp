@@ -55,12 +55,30 @@ struct Engine {
   Ort::Session session{nullptr};
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
 
+  // --decode-kernel grouped engines: $MESA_OPS_LIBRARY, else libmesa_ops.so beside this executable (the build puts
+  // both in build/cpp), as runtime/custom_ops.py finds it
+  static void register_custom_ops(Ort::SessionOptions& opts) {
+    const char* chosen = std::getenv("MESA_OPS_LIBRARY");
+    std::error_code ec;
+    const fs::path lib = chosen && *chosen ? fs::path(chosen) : fs::read_symlink("/proc/self/exe", ec).parent_path() / "libmesa_ops.so";
+    if (!fs::is_regular_file(lib))
+      throw LoadError("this engine runs its decode steps on the Mesa CPU kernels (ai.mesa.cpu); build them with "
+                      "`bash scripts/build_cpp.sh` or set MESA_OPS_LIBRARY to a libmesa_ops.so (" + lib.string() +
+                      " is not a file)");
+    try {
+      opts.RegisterCustomOpsLibrary(lib.c_str());
+    } catch (const Ort::Exception& e) {
+      throw LoadError("ONNX Runtime cannot load " + lib.string() + ": " + e.what());
+    }
+  }
+
   explicit Engine(const fs::path& directory, int intra_op_threads = 0) : dir(directory), m(load_manifest(directory)) {
     const std::string D = show_dir(dir);
     if (m.dtype != "fp32")
       throw LoadError(m.dtype + " engines are not served by the C++ runner (fp32 only); export with --dtype fp32");
     Ort::SessionOptions opts;
     if (intra_op_threads > 0) opts.SetIntraOpNumThreads(intra_op_threads);
+    if (m.custom_ops) register_custom_ops(opts);
     const std::string model = (dir / "model.onnx").string();
     try {
       session = Ort::Session(env, model.c_str(), opts);
