@@ -168,12 +168,24 @@ def write_engine(directory: Path, model: ir.Model, source: Path, decode_graph: i
 
 
 def write_rope_tables(directory: Path, model: ir.Model) -> None:
-    """The graph's own cos/sin initializers, for the runtime's re-rotation of the decode cache
-    (runtime/decode_cache.py): recomputing them in numpy differs from HF's float32 tables."""
-    if "rope_cos" not in model.graph.initializers:  # methods with an op of their own rotate in the graph
-        return
-    cos, sin = (model.graph.initializers[name].const_value.numpy() for name in ("rope_cos", "rope_sin"))
-    np.save(directory / artifact.ROPE_FILE, np.stack([cos, sin]).astype(np.float32))
+    """The graph's own cos/sin tables, for the runtime's re-rotation of the decode cache
+    (runtime/decode_cache.py): recomputing them in numpy differs from HF's float32 tables. Half-precision
+    graphs hold them cast (and folded under other names): those are the ones the in-place decode kernel
+    rotates with, so they are the ones saved."""
+    tables = _rope_tables(model)
+    if tables is not None:  # None: methods with an op of their own rotate in the graph
+        np.save(directory / artifact.ROPE_FILE, np.stack([t.const_value.numpy() for t in tables]).astype(np.float32))
+
+
+def _rope_tables(model: ir.Model) -> tuple[ir.Value, ir.Value] | None:
+    if "rope_cos" in model.graph.initializers:
+        return model.graph.initializers["rope_cos"], model.graph.initializers["rope_sin"]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # the in-place decode attention's cos, sin
+        if node.op_type in ("GroupQueryAttention", "GroupedDecodeAttention") and node.attributes.get_int("do_rotary", 0):
+            cos, sin = node.inputs[7], node.inputs[8]
+            if cos.const_value is not None and sin.const_value is not None:
+                return cos, sin
+    return None
 
 
 def write_manifest(directory: Path, manifest: artifact.Manifest) -> None:

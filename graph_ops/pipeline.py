@@ -20,7 +20,9 @@ Targets:
 - portable: no passes; ai.mesa::MesaAttention runs its ONNX function body on any ONNX Runtime.
 - ort-cpu: kernel `ORT_CPU_KERNEL` = auto (chosen by measurement): contrib GroupQueryAttention for
   prefill chunks, ONNX Attention + RotaryEmbedding for decode steps, switched by an If per step.
-- ort-cuda: ONNX Attention 23/24 + RotaryEmbedding 23 (registered by ORT's CUDA EP), half weights.
+- ort-cuda: at fp16/bf16 (its default) the `inplace` kernel, as ort-cpu: GroupQueryAttention over the
+  in-place decode cache in device memory (runtime/device_cache.py); at fp32 ONNX Attention 23/24 +
+  RotaryEmbedding 23 (registered by ORT's CUDA EP), rows one per call.
 - tensorrt: the decomposed kernel (elementary ops only), checked against TensorRT's operator list.
 """
 
@@ -42,6 +44,9 @@ PRECISIONS = precision.PRECISIONS
 # Measured (scripts/bench_passes.py, model M, 8k prompt, 2-core CPU, medians of 3): prefill / decode at 8k
 # gqa 22.3 s / 119 ms, attention 28.6 s / 82 ms, auto 22.2 s / 85 ms (portable: 36.4 s / 102 ms).
 ORT_CPU_KERNEL = "inplace"
+# ort-cuda lowers with `inplace` where ORT's CUDA GroupQueryAttention has kernels (fp16, bf16); fp32 keeps
+# `attention` (ONNX Attention + RotaryEmbedding, one row per call) rather than fall back to the CPU kernel.
+CUDA_INPLACE_PRECISIONS = ("fp16", "bf16")
 DECODE_KERNELS = ("gqa", "grouped")  # the in-place decode attention: ORT's GroupQueryAttention, the Mesa CPU kernel
 
 
@@ -125,6 +130,8 @@ def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
         passes = [p for p in passes if p is not FUSE and not p.name.startswith("lower_attention")]
     elif target == "ort-cpu" and method not in INPLACE_METHODS:
         passes[0] = _lower("auto")
+    elif target == "ort-cuda" and method in INPLACE_METHODS and precision_ in CUDA_INPLACE_PRECISIONS:
+        passes[0] = _lower("inplace")
     if decode_kernel == "grouped":
         if target != "ort-cpu" or method not in INPLACE_METHODS:
             raise PassError(f"decode kernel grouped is for target ort-cpu and methods {', '.join(INPLACE_METHODS)}")

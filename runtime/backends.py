@@ -23,6 +23,8 @@ import onnxruntime as ort
 from runtime import custom_ops, mesa
 from runtime.artifact import DECODE_CACHE, DECODE_INPUTS, DECODE_PRESENT
 from runtime.errors import BackendError, LoadError
+from runtime.decode_cache import DecodeCache
+from runtime.device_cache import DeviceDecodeCache, DeviceKVCache, cache_writer
 from runtime.kv_cache import CacheShape, KVCache
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
@@ -77,6 +79,10 @@ class OrtStep:
 
     def new_cache(self, shape: CacheShape, dtype=np.float32) -> KVCache:
         return KVCache(shape, dtype)
+
+    def new_decode_cache(self, shape: CacheShape, slots: int, rope: np.ndarray, params: mesa.MesaParams,
+                         dtype=np.float32) -> DecodeCache:
+        return DecodeCache(shape.layers, slots, shape.kv_heads, shape.max_len, shape.head_dim, rope, params, dtype)
 
     def __call__(self, input_ids: np.ndarray, step: mesa.Step, logits_to_keep: int, cache: KVCache):
         feeds = {"input_ids": input_ids, "k_cache": cache.k, "v_cache": cache.v, **_scalars(step, logits_to_keep)}
@@ -156,75 +162,38 @@ class OrtStep:
         return logits, new_k, new_v
 
 
-class DeviceKVCache:
-    """One sequence's cache as OrtValues on a device ([layers, 1, kv_heads, max_len, head_dim]).
-
-    `write` runs the shared TensorScatter graph with the cache bound as both input and output, so
-    only the q new rows move (ORT warns "in-place optimization not activated" if it ever copies).
-    """
-
-    def __init__(self, shape: CacheShape, dtype, writer: ort.InferenceSession, device: str, device_id: int):
-        self.shape, self.writer, self.device = shape, writer, device
-        self.k = ort.OrtValue.ortvalue_from_shape_and_type(shape.full(), dtype, device, device_id)
-        self.v = ort.OrtValue.ortvalue_from_shape_and_type(shape.full(), dtype, device, device_id)
-
-    def write(self, pos: int, new_k: ort.OrtValue, new_v: ort.OrtValue) -> None:
-        q = new_k.shape()[3]
-        if pos + q > self.shape.max_len:
-            raise ValueError(f"cache holds {self.shape.max_len} positions; cannot write [{pos}, {pos + q})")
-        b = self.writer.io_binding()
-        b.bind_ortvalue_input("k_cache", self.k)
-        b.bind_ortvalue_input("v_cache", self.v)
-        b.bind_ortvalue_input("new_keys", new_k)
-        b.bind_ortvalue_input("new_values", new_v)
-        b.bind_cpu_input("write_pos", np.full(self.shape.layers, pos, dtype=np.int64))
-        b.bind_ortvalue_output("k_out", self.k)
-        b.bind_ortvalue_output("v_out", self.v)
-        self.writer.run_with_iobinding(b)
-
-
-def cache_writer(shape: CacheShape, dtype, providers: list) -> ort.InferenceSession:
-    """k_out = TensorScatter(k_cache, new_keys, write_pos) along max_len (opset 24), same for v.
-
-    The cache's leading `layers` axis plays TensorScatter's batch axis: every layer writes at write_pos.
-    """
-    from onnx import TensorProto, helper  # only the device backends need it (see the cuda extra)
-
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    full = list(shape.full())
-    rows = [shape.layers, 1, shape.kv_heads, "q", shape.head_dim]
-    info = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        [helper.make_node("TensorScatter", ["k_cache", "new_keys", "write_pos"], ["k_out"], axis=-2),
-         helper.make_node("TensorScatter", ["v_cache", "new_values", "write_pos"], ["v_out"], axis=-2)],
-        "mesa_cache_writer",
-        [info("k_cache", elem, full), info("v_cache", elem, full), info("new_keys", elem, rows),
-         info("new_values", elem, rows), info("write_pos", TensorProto.INT64, [shape.layers])],
-        [info("k_out", elem, full), info("v_out", elem, full)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
-    return ort.InferenceSession(model.SerializeToString(), providers=providers)
-
-
 class OrtDeviceStep:
-    """The step function for device backends: IO binding over a DeviceKVCache.
+    """The step function for device backends: IO binding over device caches (runtime/device_cache.py).
 
-    input_ids and the step scalars are bound from host memory (ORT moves what the device needs),
-    the caches as device OrtValues; new_keys/new_values stay on the device for `DeviceKVCache.write`,
-    logits come back to the host. With device="cpu" the same code runs on CPUExecutionProvider,
-    which is how it is tested on machines without a GPU.
+    input_ids and the step scalars are bound from host memory (ORT moves what the device needs), the
+    caches as device buffers; new_keys/new_values stay on the device for `DeviceKVCache.write`, logits
+    come back to the host. Graphs with the `inplace` kernel (ort-cuda target, half precision) also take
+    `decode(...)` like OrtStep's: one call for a batch of rows over a DeviceDecodeCache, each layer's rows
+    bound by address as both past and present. With device="cpu" the same code runs on
+    CPUExecutionProvider, which is how it is tested on machines without a GPU.
     """
 
     def __init__(self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0):
         self.session, self.device, self.device_id = session, device, device_id
-        self.writer_providers = ([("CUDAExecutionProvider", {"device_id": device_id})] if device == "cuda"
-                                 else ["CPUExecutionProvider"])
+        self.providers = ([("CUDAExecutionProvider", {"device_id": device_id})] if device == "cuda"
+                          else ["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        self.inplace = DECODE_INPUTS[0] in names
+        self.layers = sum(n.startswith("past_key_") for n in names)
+        self.decode_cache = None  # the DeviceDecodeCache of an inplace engine, set by its owner
+        self.prefill_buffers = 1  # device memory is allocated in full: one prompt prefills at a time
         self._writers: dict = {}
+        self._unread: dict = {}  # batch -> decode calls' placeholder k_cache / v_cache (device zeros)
 
     def new_cache(self, shape: CacheShape, dtype=np.float32) -> DeviceKVCache:
         key = (shape, np.dtype(dtype))
         if key not in self._writers:
-            self._writers[key] = cache_writer(shape, dtype, self.writer_providers)
+            self._writers[key] = cache_writer(shape, dtype, self.providers)
         return DeviceKVCache(shape, dtype, self._writers[key], self.device, self.device_id)
+
+    def new_decode_cache(self, shape: CacheShape, slots: int, rope: np.ndarray, params: mesa.MesaParams,
+                         dtype=np.float32) -> DeviceDecodeCache:
+        return DeviceDecodeCache(shape, slots, rope, params, dtype, self.device, self.device_id, self.providers)
 
     def __call__(self, input_ids: np.ndarray, step: mesa.Step, logits_to_keep: int, cache: DeviceKVCache):
         b = self.session.io_binding()
@@ -233,12 +202,59 @@ class OrtDeviceStep:
         b.bind_ortvalue_input("v_cache", cache.v)
         for name, value in _scalars(step, logits_to_keep).items():
             b.bind_cpu_input(name, value)
+        b.bind_output("logits", "cpu")  # outputs come back in the order bound: these three first
+        b.bind_output("new_keys", self.device, self.device_id)
+        b.bind_output("new_values", self.device, self.device_id)
+        if self.inplace:  # the prefill branch passes the decode caches through; rows 0:B stand in
+            b.bind_cpu_input("decode_step", np.array(False))
+            b.bind_cpu_input("seqlens_k", np.zeros(input_ids.shape[0], np.int32))
+            b.bind_cpu_input("total_sequence_length", np.array(1, np.int32))
+            self._bind_decode_rows(b, 0, input_ids.shape[0])
+        self.session.run_with_iobinding(b)
+        logits, new_k, new_v = b.get_outputs()[:3]
+        return logits.numpy(), new_k, new_v
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """OrtStep.decode over the device decode cache: rows first_row .. first_row + B, in place."""
+        B = len(tokens)
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", np.asarray(tokens, np.int64).reshape(B, 1))
+        for name, value in self._unread_caches(B).items():
+            b.bind_cpu_input(name, value)
+        scalars = {"sink_len": 0, "window_start": 0, "write_pos": 0, "chunk_width": 1, "logits_to_keep": 1}
+        for name, value in scalars.items():
+            b.bind_cpu_input(name, np.array(value, np.int64))
+        b.bind_cpu_input("decode_step", np.array(True))
+        b.bind_cpu_input("seqlens_k", np.asarray(positions, np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(int(np.max(positions)) + 1, np.int32))
         b.bind_output("logits", "cpu")
         b.bind_output("new_keys", self.device, self.device_id)
         b.bind_output("new_values", self.device, self.device_id)
+        self._bind_decode_rows(b, first_row, first_row + B)
         self.session.run_with_iobinding(b)
-        logits, new_k, new_v = b.get_outputs()
-        return logits.numpy(), new_k, new_v
+        return b.get_outputs()[0].numpy()[:, -1]
+
+    def _bind_decode_rows(self, b, lo: int, hi: int) -> None:
+        cache = self.decode_cache
+        if cache is None:
+            raise BackendError("this engine decodes in place: its steps need the decode cache of its decoder")
+        for layer in range(self.layers):
+            for kind in ("key", "value"):
+                address, shape = cache.rows(kind, layer, lo, hi)
+                b.bind_input(DECODE_CACHE.format(kind, layer), self.device, self.device_id, cache.dtype, shape, address)
+                b.bind_output(DECODE_PRESENT.format(kind, layer), self.device, self.device_id, cache.dtype, shape,
+                              address)
+
+    def _unread_caches(self, batch: int) -> dict:
+        """k_cache / v_cache of a decode call, host zeros that cost no memory (calloc): the decode branch
+        reads neither; the graph takes its batch size from them. Untested on CUDA: should ORT copy them to
+        the device anyway, a decode call pays that copy."""
+        if batch not in self._unread:
+            arg = next(a for a in self.session.get_inputs() if a.name == "k_cache")
+            layers, _, *rest = arg.shape
+            zeros = np.zeros((layers, batch, *rest), dtype=np.float16 if "float16" in arg.type else np.float32)
+            self._unread[batch] = {"k_cache": zeros, "v_cache": zeros}
+        return self._unread[batch]
 
 
 def provider_chain(backend: str, directory: Path, cache: CacheShape, max_len: int, dtype: str) -> list:

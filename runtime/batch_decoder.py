@@ -2,14 +2,16 @@
 
 | decoder | engines | prefill writes to | a decode step of B sequences |
 |---|---|---|---|
-| InplaceDecoder | `inplace` kernel (ort-cpu target) | one pre-RoPE buffer, then rotated into the decode cache | one call over a range of decode-cache rows |
-| RowDecoder | every other graph (portable, ort-cuda, tensorrt) | the sequence's own pre-RoPE slot | B calls, one per row (runtime.scheduler) |
+| InplaceDecoder | `inplace` kernel (ort-cpu target; ort-cuda at half precision) | one pre-RoPE buffer, then rotated into the decode cache | one call over a range of decode-cache rows |
+| RowDecoder | every other graph (portable, fp32 ort-cuda, tensorrt) | the sequence's own pre-RoPE slot | B calls, one per row (runtime.scheduler) |
 
 Cache memory: InplaceDecoder holds slots x (K + V) of the decode cache plus `slots` pre-RoPE prefill
 buffers (several prompts can be part-way through their prefill: the batcher runs the shortest first);
 the buffers are anonymous memory maps, so a buffer costs memory only for the prompt tokens written into
 it, and those pages go back to the system layer by layer as the keys move into the decode cache.
-RowDecoder holds slots x (K + V). Both report the address space as `nbytes`.
+On a device (OrtDeviceStep: its memory is allocated in full) InplaceDecoder keeps one prefill buffer, so
+prompts prefill one after another. RowDecoder holds slots x (K + V). Both report the address space as
+`nbytes`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import numpy as np
 
 from runtime import mesa, methods, scheduler
 from runtime.artifact import ROPE_FILE
-from runtime.decode_cache import DecodeCache
 from runtime.kv_cache import CacheShape
 
 
@@ -39,10 +40,11 @@ class InplaceDecoder:
                  dtype=np.float32, decode_fn=None):
         self.step_fn, self.slots, self.cache_max_len = step_fn, slots, shape.max_len
         self.decode_fn = decode_fn or step_fn
-        self.cache = DecodeCache(shape.layers, slots, shape.kv_heads, shape.max_len, shape.head_dim, rope, params,
-                                 dtype)
-        self.prefills = [step_fn.new_cache(shape, dtype) for _ in range(slots)]
-        self._free_buffers = list(range(slots))
+        self.cache = step_fn.new_decode_cache(shape, slots, rope, params, dtype)
+        # host buffers cost only what is written (anonymous maps): one per slot; device memory is real: one
+        buffers = min(slots, getattr(step_fn, "prefill_buffers", None) or slots)
+        self.prefills = [step_fn.new_cache(shape, dtype) for _ in range(buffers)]
+        self._free_buffers = list(range(buffers))
         self._buffer: dict = {}  # work -> index of the prefill buffer it writes
         step_fn.decode_cache = self.decode_fn.decode_cache = self.cache
         self.prefill_needs_slot = False  # prefills write their own buffer; a slot is needed only to decode
@@ -50,7 +52,7 @@ class InplaceDecoder:
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes + sum(b.k.nbytes + b.v.nbytes for b in self.prefills)
+        return self.cache.nbytes + sum(b.nbytes for b in self.prefills)
 
     def can_prefill(self, work) -> bool:
         return work in self._buffer or bool(self._free_buffers)
@@ -62,8 +64,7 @@ class InplaceDecoder:
 
     def finish_prefill(self, work) -> None:
         buffer = self.prefills[self._buffer[work]]
-        self.cache.load(work.slot, buffer.k[:, 0], buffer.v[:, 0], work.length, work.chunk_width,
-                        buffer.release_layer)
+        self.cache.load(work.slot, buffer, work.length, work.chunk_width)
         self._free_buffers.append(self._buffer.pop(work))
 
     def drop(self, work) -> None:
@@ -103,7 +104,7 @@ class RowDecoder:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.k.nbytes + c.v.nbytes for c in self.caches if hasattr(c.k, "nbytes"))
+        return sum(c.nbytes for c in self.caches)
 
     def can_prefill(self, work) -> bool:
         return True  # a prefill writes its sequence's own slot

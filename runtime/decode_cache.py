@@ -17,6 +17,10 @@ Keeping pre-RoPE keys as well would be exact too, at 1.5x the cache memory: this
 
 Layout: k, v [layers, slots, kv_heads, max_len, head_dim]; k[l, lo:hi] is contiguous, so any range of
 slots is one batch the kernel reads and writes without a copy.
+
+DecodeCache keeps the rule (which positions, when) and stores numpy arrays on the host; the device
+backends' DeviceDecodeCache (runtime/device_cache.py) keeps the same rule over device buffers and
+overrides only the three storage steps: `_store`, `_rerotate`, and the arrays.
 """
 
 from __future__ import annotations
@@ -55,19 +59,20 @@ class DecodeCache:
         x1, x2 = x[..., :h], x[..., h:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype, copy=False)
 
-    def load(self, slot: int, k: np.ndarray, v: np.ndarray, length: int, chunk_width: int,
-             done_with_layer=None) -> None:
-        """Take a prefilled sequence: pre-RoPE k, v [layers, kv_heads, >= length, d] -> rotated rows.
-        `done_with_layer(l)` is called once layer l is copied (the prefill buffer releases it then)."""
+    def load(self, slot: int, buffer, length: int, chunk_width: int) -> None:
+        """Take a prefilled sequence from its pre-RoPE prefill buffer (a KVCache) -> rotated rows."""
         S = length + 1  # the first decode step sees the prompt and its own token
-        pos = self._positions(S, chunk_width, length)
-        for layer in range(self.k.shape[0]):
-            self.k[layer, slot, :, :length] = self._rotate(k[layer, :, :length], pos)
-            self.v[layer, slot, :, :length] = v[layer, :, :length]
-            if done_with_layer is not None:
-                done_with_layer(layer)
+        self._store(slot, buffer, length, self._positions(S, chunk_width, length))
         self.length[slot], self.chunk_width[slot] = length, chunk_width
         self.anchor[slot] = self._anchor(S, chunk_width)
+
+    def _store(self, slot: int, buffer, length: int, pos: np.ndarray) -> None:
+        """The buffer's first `length` keys rotated at `pos` and its values into the slot's rows; each layer's
+        pages of the buffer go back once copied."""
+        for layer in range(self.k.shape[0]):
+            self.k[layer, slot, :, :length] = self._rotate(buffer.k[layer, 0, :, :length], pos)
+            self.v[layer, slot, :, :length] = buffer.v[layer, 0, :, :length]
+            buffer.release_layer(layer)
 
     def prepare(self, slot: int) -> bool:
         """Before the slot's next decode step: re-rotate its keys if their positions move. True if so."""
@@ -77,11 +82,14 @@ class DecodeCache:
         if anchor == self.anchor[slot]:
             return False
         old = self._positions(n, W, n)  # those of the previous step (S = n), whose own key sat at n - 1
-        new = self._positions(S, W, n)
-        keys = self.k[:, slot, :, :n]
-        keys[...] = self._rotate(self._rotate(keys, old, -1.0), new)
+        self._rerotate(slot, old, self._positions(S, W, n))
         self.anchor[slot] = anchor
         return True
+
+    def _rerotate(self, slot: int, old: np.ndarray, new: np.ndarray) -> None:
+        """The slot's first len(old) keys: from RoPE(old) to RoPE(new)."""
+        keys = self.k[:, slot, :, :len(old)]
+        keys[...] = self._rotate(self._rotate(keys, old, -1.0), new)
 
     def advance(self, slot: int) -> None:
         """The slot's decode step appended one key."""

@@ -31,6 +31,10 @@ class KVCache:
         self.k, self._k_map = _zeros(shape.full(), dtype)
         self.v, self._v_map = _zeros(shape.full(), dtype)
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
     def release_layer(self, layer: int) -> None:
         """Drop layer `layer`'s pages of k and v; they read as zeros afterwards."""
         for array, mm in ((self.k, self._k_map), (self.v, self._v_map)):

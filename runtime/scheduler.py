@@ -3,7 +3,7 @@
 A backend is a callable `step(input_ids [1, q] int64, step: mesa.Step, logits_to_keep: int,
 cache) -> (logits [1, n, vocab], new_k, new_v)`; the scheduler walks the plan from runtime.mesa and
 writes each step's new K/V rows into the cache at the step's write position. The cache is a KVCache
-or any object with its `write(pos, new_k, new_v)` (backends.DeviceKVCache keeps it on a GPU).
+or any object with its `write(pos, new_k, new_v)` (device_cache.DeviceKVCache keeps it on a GPU).
 """
 
 from __future__ import annotations

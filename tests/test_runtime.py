@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from conftest import export_engine, load_official
 
-from runtime import artifact, backends, mesa, methods, scheduler
+from runtime import artifact, backends, device_cache, mesa, methods, scheduler
 from runtime.artifact import MANIFEST, MODEL_FILE
 from runtime.engine import BackendError, EngineError, LoadError, MesaEngine, RequestError
 from runtime.kv_cache import CacheShape
@@ -539,8 +539,8 @@ def test_device_step_on_cpu_reproduces_published_logits(case, tmp_path):
 
 def test_device_cache_write_is_in_place():
     shape = CacheShape(layers=3, kv_heads=2, max_len=50, head_dim=4)
-    writer = backends.cache_writer(shape, np.float32, ["CPUExecutionProvider"])
-    cache = backends.DeviceKVCache(shape, np.float32, writer, "cpu", 0)
+    writer = device_cache.cache_writer(shape, np.float32, ["CPUExecutionProvider"])
+    cache = device_cache.DeviceKVCache(shape, np.float32, writer, "cpu", 0)
     zeros = np.zeros(shape.full(), np.float32)
     cache.k.update_inplace(zeros)
     cache.v.update_inplace(zeros)
