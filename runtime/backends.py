@@ -338,9 +338,11 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
     | inter_op_num_threads | int >= 0 | threads across operators |
     | disable_prepacking | bool | MLAS keeps pre-packed copies of the MatMul weights: off saves their memory (~0.5x the fp32 weights) for some speed |
     | graph_optimization_level | disable, basic, extended, all | ORT's own graph rewrites at load |
+    | allow_spinning | bool | ORT's threads spin between runs (default on): off when several sessions share the cores |
     """
     opts = ort.SessionOptions()
-    known = ("intra_op_num_threads", "inter_op_num_threads", "disable_prepacking", "graph_optimization_level")
+    known = ("intra_op_num_threads", "inter_op_num_threads", "disable_prepacking", "graph_optimization_level",
+             "allow_spinning")
     for key, value in (settings or {}).items():
         if key not in known:
             raise BackendError(f"unknown session option {key!r}; choose from {', '.join(known)}")
@@ -348,10 +350,11 @@ def session_options(settings: dict | None = None) -> ort.SessionOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BackendError(f"{key} must be an integer >= 0, got {value!r}")
             setattr(opts, key, value)
-        elif key == "disable_prepacking":
+        elif key in ("disable_prepacking", "allow_spinning"):
             if not isinstance(value, bool):
-                raise BackendError(f"disable_prepacking must be true or false, got {value!r}")
-            opts.add_session_config_entry("session.disable_prepacking", "1" if value else "0")
+                raise BackendError(f"{key} must be true or false, got {value!r}")
+            entry = "session.disable_prepacking" if key == "disable_prepacking" else "session.intra_op.allow_spinning"
+            opts.add_session_config_entry(entry, "1" if value else "0")
         elif value not in OPTIMIZATION_LEVELS:
             raise BackendError(f"graph_optimization_level must be one of {', '.join(OPTIMIZATION_LEVELS)}, "
                                f"got {value!r}")
