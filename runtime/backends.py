@@ -43,6 +43,26 @@ def _scalars(step: mesa.Step, logits_to_keep: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _decode_feeds(tokens: np.ndarray, positions: np.ndarray, placeholders: dict) -> dict:
+    """The host inputs of an in-place decode call: B rows, row r consuming tokens[r] at positions[r]."""
+    B = len(tokens)
+    return {"input_ids": np.asarray(tokens, np.int64).reshape(B, 1), **placeholders,
+            "sink_len": np.array(0), "window_start": np.array(0), "write_pos": np.array(0),
+            "chunk_width": np.array(1), "logits_to_keep": np.array(1), "decode_step": np.array(True),
+            "seqlens_k": np.asarray(positions, np.int32),
+            "total_sequence_length": np.array(int(np.max(positions)) + 1, np.int32)}
+
+
+def _unread_caches(session: ort.InferenceSession, batch: int) -> dict:
+    """k_cache / v_cache for a decode call: the decode branch reads neither, but the graph takes its batch
+    size from them. Host zeros of the graph's float type, never written: calloc leaves their pages
+    unallocated, so they cost no memory."""
+    arg = next(a for a in session.get_inputs() if a.name == "k_cache")
+    layers, _, *rest = arg.shape
+    zeros = np.zeros((layers, batch, *rest), dtype=np.float16 if arg.type == "tensor(float16)" else np.float32)
+    return {"k_cache": zeros, "v_cache": zeros}
+
+
 class OrtStep:
     """step(input_ids, step, logits_to_keep, cache) -> (logits, new_keys, new_values) on an ORT session.
 
@@ -100,22 +120,10 @@ class OrtStep:
         key and value in place; rows keep their own positions, anchor and log-n factor. Only the rows
         asked for are computed: a step costs what its batch costs, not what the engine's slot count does."""
         B = len(tokens)
-        feeds = {"input_ids": np.asarray(tokens, np.int64).reshape(B, 1), **self._unread_caches(B),
-                 "sink_len": np.array(0), "window_start": np.array(0), "write_pos": np.array(0),
-                 "chunk_width": np.array(1), "logits_to_keep": np.array(1), "decode_step": np.array(True),
-                 "seqlens_k": np.asarray(positions, np.int32),
-                 "total_sequence_length": np.array(int(np.max(positions)) + 1, np.int32)}
-        logits, _, _ = self._run(feeds, first_row, first_row + B)
+        if B not in self._unread:
+            self._unread[B] = _unread_caches(self.session, B)
+        logits, _, _ = self._run(_decode_feeds(tokens, positions, self._unread[B]), first_row, first_row + B)
         return logits[:, -1]
-
-    def _unread_caches(self, batch: int) -> dict:
-        """k_cache / v_cache for a decode call: the decode branch reads neither, but the graph takes its
-        batch size from them."""
-        if batch not in self._unread:
-            layers, _, *rest = self._input("k_cache").shape
-            zeros = self._zeros_like("k_cache", (layers, batch, *rest))
-            self._unread[batch] = {"k_cache": zeros, "v_cache": zeros}
-        return self._unread[batch]
 
     def _idle(self):
         if self._idle_cache is None:
@@ -183,7 +191,7 @@ class OrtDeviceStep:
         self.decode_cache = None  # the DeviceDecodeCache of an inplace engine, set by its owner
         self.prefill_buffers = 1  # device memory is allocated in full: one prompt prefills at a time
         self._writers: dict = {}
-        self._unread: dict = {}  # batch -> decode calls' placeholder k_cache / v_cache (device zeros)
+        self._unread: dict = {}  # batch -> decode calls' placeholder k_cache / v_cache (host zeros)
 
     def new_cache(self, shape: CacheShape, dtype=np.float32) -> DeviceKVCache:
         key = (shape, np.dtype(dtype))
@@ -217,16 +225,11 @@ class OrtDeviceStep:
     def decode(self, tokens: np.ndarray, positions: np.ndarray, first_row: int = 0) -> np.ndarray:
         """OrtStep.decode over the device decode cache: rows first_row .. first_row + B, in place."""
         B = len(tokens)
+        if B not in self._unread:  # host zeros: should ORT copy them to the device anyway (untested), a call pays it
+            self._unread[B] = _unread_caches(self.session, B)
         b = self.session.io_binding()
-        b.bind_cpu_input("input_ids", np.asarray(tokens, np.int64).reshape(B, 1))
-        for name, value in self._unread_caches(B).items():
+        for name, value in _decode_feeds(tokens, positions, self._unread[B]).items():
             b.bind_cpu_input(name, value)
-        scalars = {"sink_len": 0, "window_start": 0, "write_pos": 0, "chunk_width": 1, "logits_to_keep": 1}
-        for name, value in scalars.items():
-            b.bind_cpu_input(name, np.array(value, np.int64))
-        b.bind_cpu_input("decode_step", np.array(True))
-        b.bind_cpu_input("seqlens_k", np.asarray(positions, np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(int(np.max(positions)) + 1, np.int32))
         b.bind_output("logits", "cpu")
         b.bind_output("new_keys", self.device, self.device_id)
         b.bind_output("new_values", self.device, self.device_id)
@@ -244,17 +247,6 @@ class OrtDeviceStep:
                 b.bind_input(DECODE_CACHE.format(kind, layer), self.device, self.device_id, cache.dtype, shape, address)
                 b.bind_output(DECODE_PRESENT.format(kind, layer), self.device, self.device_id, cache.dtype, shape,
                               address)
-
-    def _unread_caches(self, batch: int) -> dict:
-        """k_cache / v_cache of a decode call, host zeros that cost no memory (calloc): the decode branch
-        reads neither; the graph takes its batch size from them. Untested on CUDA: should ORT copy them to
-        the device anyway, a decode call pays that copy."""
-        if batch not in self._unread:
-            arg = next(a for a in self.session.get_inputs() if a.name == "k_cache")
-            layers, _, *rest = arg.shape
-            zeros = np.zeros((layers, batch, *rest), dtype=np.float16 if "float16" in arg.type else np.float32)
-            self._unread[batch] = {"k_cache": zeros, "v_cache": zeros}
-        return self._unread[batch]
 
 
 def provider_chain(backend: str, directory: Path, cache: CacheShape, max_len: int, dtype: str) -> list:
