@@ -30,6 +30,7 @@ TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")  # graph_ops.pipeline.
 # graph_ops.precision.PRECISIONS (not imported: seconds); fp* are float engines, int* quantize MatMul weights
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-int4")
 DECODE_KERNELS = ("gqa", "grouped")  # graph_ops.pipeline.DECODE_KERNELS (not imported: seconds)
+PREFILL_KERNELS = ("gqa", "tiled")  # graph_ops.pipeline.PREFILL_KERNELS
 STAGES = ("load", "trace", "passes", "save", "verify")  # commit.fault points, in order
 
 
@@ -53,7 +54,8 @@ def float_dtype(precision: str) -> str:
 def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa",
                   params: dict | None = None, target: str = "ort-cpu", precision: str | None = None,
                   force: bool = False, verify: bool = True, progress: bool = True,
-                  method_params: dict | None = None, decode_kernel: str = "gqa") -> Manifest:
+                  method_params: dict | None = None, decode_kernel: str = "gqa",
+                  prefill_kernel: str = "gqa") -> Manifest:
     """Export `model` (an alias, a local HF folder, or an HF id in the local cache) to the engine directory
     `out` and return its manifest.
 
@@ -66,11 +68,13 @@ def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: s
     type; default fp16 for ort-cuda and tensorrt, else fp32) or int8 | int4 | int8-int4 (MatMul weights
     quantized, the rest fp32; ort-cpu only; graph_ops/precision.py says how); decode_kernel: gqa (ORT's
     GroupQueryAttention) or grouped (the Mesa CPU kernel, runtime/ops: each KV head read once per step;
-    ort-cpu, methods with the in-place decode cache, needs the library scripts/build_cpp.sh builds); force: replace `out` if it is an engine directory
+    ort-cpu, methods with the in-place decode cache, needs the library scripts/build_cpp.sh builds);
+    prefill_kernel: gqa (ORT's GroupQueryAttention) or tiled (the Mesa CPU kernel: a prefill chunk's attention
+    in tiles with an online softmax; ort-cpu, the same library); force: replace `out` if it is an engine directory
     or empty; verify: check the engine against the PyTorch reference; progress: a bar on stderr."""
     return run_export(model, out, max_len=max_len, method=method, params=params, target=target, precision=precision,
                       force=force, verify=verify, progress=progress, method_params=method_params,
-                      decode_kernel=decode_kernel).manifest
+                      decode_kernel=decode_kernel, prefill_kernel=prefill_kernel).manifest
 
 
 def errors() -> tuple[type[Exception], ...]:
@@ -98,11 +102,13 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def check_options(method: str, target: str, precision: str, max_len, decode_kernel: str = "gqa") -> None:
+def check_options(method: str, target: str, precision: str, max_len, decode_kernel: str = "gqa",
+                  prefill_kernel: str = "gqa") -> None:
     from export.preflight import Refused
 
     for name, value, choices in (("method", method, METHODS), ("target", target, TARGETS),
-                                 ("precision", precision, PRECISIONS), ("decode_kernel", decode_kernel, DECODE_KERNELS)):
+                                 ("precision", precision, PRECISIONS), ("decode_kernel", decode_kernel, DECODE_KERNELS),
+                                 ("prefill_kernel", prefill_kernel, PREFILL_KERNELS)):
         if value not in choices:
             raise Refused(f"{name} {value!r} is not one of {', '.join(choices)}")
     if precision.startswith("int") and target != "ort-cpu":
@@ -112,22 +118,36 @@ def check_options(method: str, target: str, precision: str, max_len, decode_kern
         raise Refused(f"max_len must be an integer, got {max_len!r}")
     if decode_kernel == "grouped":
         check_grouped(method, target)
+    if prefill_kernel == "tiled":
+        check_tiled(method, target)
 
 
 def check_grouped(method: str, target: str) -> None:
     """--decode-kernel grouped: an ort-cpu engine with the in-place decode cache, and the kernels built."""
+    _check_kernel("--decode-kernel grouped", method, target, INPLACE_METHODS, "the in-place decode cache")
+
+
+def check_tiled(method: str, target: str) -> None:
+    """--prefill-kernel tiled: an ort-cpu engine whose attention is lowered from MesaAttention, kernels built."""
+    from runtime.methods import CLASSES
+
+    lowered = tuple(m for m in METHODS if not (m in CLASSES and CLASSES[m].own_op))
+    _check_kernel("--prefill-kernel tiled", method, target, lowered, "prefill attention on GroupQueryAttention")
+
+
+def _check_kernel(flag: str, method: str, target: str, methods: tuple[str, ...], why: str) -> None:
     from export.preflight import Refused
     from runtime import custom_ops
 
-    if target != "ort-cpu" or method not in INPLACE_METHODS:
-        raise Refused(f"--decode-kernel grouped is for --target ort-cpu engines of methods {', '.join(INPLACE_METHODS)} "
-                      f"(the in-place decode cache), not target {target} / method {method}")
+    if target != "ort-cpu" or method not in methods:
+        raise Refused(f"{flag} is for --target ort-cpu engines of methods {', '.join(methods)} ({why}), "
+                      f"not target {target} / method {method}")
     try:
         found = custom_ops.library()
     except custom_ops.CustomOpsError as e:
         raise Refused(str(e)) from None
     if found is None:
-        raise Refused("--decode-kernel grouped needs the Mesa CPU kernels: build them with `bash scripts/build_cpp.sh` "
+        raise Refused(f"{flag} needs the Mesa CPU kernels: build them with `bash scripts/build_cpp.sh` "
                       f"(build/cpp/libmesa_ops.so) or set {custom_ops.ENV}")
 
 
@@ -192,7 +212,8 @@ def preflight_checks(model, out: Path, max_len: int, method: str, params: dict |
 def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str = "mesa", params: dict | None = None,
                target: str = "ort-cpu", precision: str | None = None, force: bool = False,
                verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr,
-               method_params: dict | None = None, decode_kernel: str = "gqa") -> ExportResult:
+               method_params: dict | None = None, decode_kernel: str = "gqa",
+               prefill_kernel: str = "gqa") -> ExportResult:
     """export_engine with what the CLI's summary needs (op counts, the verify report); `log` gets the
     warning lines and what the sweep of dead exports' leftovers did."""
     from export import commit
@@ -201,7 +222,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
     out = Path(out).expanduser().resolve()
     staging = bar = None
     try:
-        check_options(method, target, precision, max_len, decode_kernel)
+        check_options(method, target, precision, max_len, decode_kernel, prefill_kernel)
         dtype = float_dtype(precision)
         max_len = int(max_len)  # numpy integers too; the manifest is JSON
         path, alias, config, mesa_params, method_obj = preflight_checks(model, out, max_len, method, params, force,
@@ -229,7 +250,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
         stage("passes")
         passes, decode_graph = pipeline.export_graphs(
             graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"),
-            method=method, decode_kernel=decode_kernel)
+            method=method, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel)
         bar.update()
 
         manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target, precision, decode_graph)

@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from export.api import DECODE_KERNELS, METHODS, PRECISIONS, TARGETS, default_precision, quiet_libraries  # noqa: F401
+from export.api import DECODE_KERNELS, METHODS, PRECISIONS, PREFILL_KERNELS, TARGETS, default_precision, quiet_libraries  # noqa: F401
 
 EXIT_BAD_INPUT = 2
 
@@ -81,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
                         "GroupQueryAttention) or grouped (the Mesa CPU kernel, runtime/ops: each KV head's cache read "
                         "once per step instead of once per query head; faster decode at long context and in batches; "
                         "build it first with `bash scripts/build_cpp.sh`; the engine then needs it wherever it runs)")
+    p.add_argument("--prefill-kernel", choices=PREFILL_KERNELS, default="gqa",
+                   help="the attention of prefill chunks for --target ort-cpu: gqa (default; ONNX Runtime's "
+                        "GroupQueryAttention, which materialises every head's probabilities) or tiled (the Mesa CPU "
+                        "kernel, runtime/ops: tiles of queries against blocks of keys with an online softmax; faster "
+                        "long prefills on AVX-512 CPUs, measured in runtime/README.md; same library as grouped)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it is an engine directory or empty (never anything else)")
     p.add_argument("--no-verify", action="store_true",
@@ -106,7 +111,7 @@ def api_kwargs(args) -> dict:
     """export.api.export_engine's keyword arguments for parsed export.py arguments (all but model and out)."""
     return dict(max_len=args.max_len, method=args.method, params={f: getattr(args, f) for _, f, _, _ in PARAM_FLAGS},
                 target=args.target, precision=args.precision, force=args.force,
-                verify=not args.no_verify, decode_kernel=args.decode_kernel,
+                verify=not args.no_verify, decode_kernel=args.decode_kernel, prefill_kernel=args.prefill_kernel,
                 method_params={f: getattr(args, f"method_{f}") for _, f, _, _ in METHOD_FLAGS})
 
 

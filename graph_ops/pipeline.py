@@ -35,7 +35,8 @@ from typing import Callable
 import onnx_ir as ir
 
 from runtime.methods import INPLACE_METHODS
-from graph_ops import cleanup, grouped_decode, inline_parts, lower_attention, mesa_op, methods_op, precision, step_positions, tensorrt_ops
+from graph_ops import (cleanup, grouped_decode, inline_parts, lower_attention, mesa_op, methods_op, precision,
+                       step_positions, tensorrt_ops, tiled_prefill)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ ORT_CPU_KERNEL = "inplace"
 # `attention` (ONNX Attention + RotaryEmbedding, one row per call) rather than fall back to the CPU kernel.
 CUDA_INPLACE_PRECISIONS = ("fp16", "bf16")
 DECODE_KERNELS = ("gqa", "grouped")  # the in-place decode attention: ORT's GroupQueryAttention, the Mesa CPU kernel
+PREFILL_KERNELS = ("gqa", "tiled")  # a prefill chunk's attention: ORT's GroupQueryAttention, the Mesa CPU kernel
 
 
 class PassError(RuntimeError):
@@ -104,6 +106,7 @@ def _check_tensorrt(model: ir.Model) -> None:
 
 CHECK_TENSORRT = GraphPass("check_tensorrt_ops", _check_tensorrt)
 GROUPED_DECODE = _counting("grouped_decode", grouped_decode.grouped_decode, "no in-place decode attention to rewrite")
+TILED_PREFILL = _counting("tiled_prefill", tiled_prefill.tiled_prefill, "no prefill attention to rewrite")
 
 PIPELINES: dict[str, list[GraphPass]] = {
     "portable": [],
@@ -114,17 +117,19 @@ PIPELINES: dict[str, list[GraphPass]] = {
 
 
 def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
-               decode_kernel: str = "gqa") -> list[GraphPass]:
+               decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> list[GraphPass]:
     """The passes of the graph an engine's prefill steps run (and, but for int8-int4, its decode steps).
     Methods with an op of their own (graph_ops/methods_op.py) have no MesaAttention to lower or fuse; the
     others but INPLACE_METHODS lower with `auto` on ort-cpu. decode_kernel grouped adds grouped_decode
-    (ort-cpu, INPLACE_METHODS)."""
+    (ort-cpu, INPLACE_METHODS); prefill_kernel tiled adds tiled_prefill (ort-cpu, MesaAttention methods)."""
     if target not in PIPELINES:
         raise PassError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision_ not in PRECISIONS:
         raise PassError(f"unknown precision {precision_!r}; choose one of {', '.join(PRECISIONS)}")
     if decode_kernel not in DECODE_KERNELS:
         raise PassError(f"unknown decode kernel {decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}")
+    if prefill_kernel not in PREFILL_KERNELS:
+        raise PassError(f"unknown prefill kernel {prefill_kernel!r}; choose one of {', '.join(PREFILL_KERNELS)}")
     passes = list(PIPELINES[target])
     if method in methods_op.OPS:
         passes = [p for p in passes if p is not FUSE and not p.name.startswith("lower_attention")]
@@ -136,6 +141,11 @@ def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
         if target != "ort-cpu" or method not in INPLACE_METHODS:
             raise PassError(f"decode kernel grouped is for target ort-cpu and methods {', '.join(INPLACE_METHODS)}")
         passes.append(GROUPED_DECODE)
+    if prefill_kernel == "tiled":
+        if target != "ort-cpu" or method in methods_op.OPS:
+            raise PassError(f"prefill kernel tiled is for target ort-cpu and methods lowered from MesaAttention "
+                            f"(not {', '.join(methods_op.OPS)})")
+        passes.append(TILED_PREFILL)
     if precision_ in precision.QUANTIZED_PRECISIONS:
         if target != "ort-cpu":
             raise PassError(f"--precision {precision_} (onnxruntime.quantization's CPU kernels) is for --target ort-cpu")
@@ -153,20 +163,20 @@ def _apply(model: ir.Model, passes: list[GraphPass], progress) -> list[str]:
 
 def run_passes(model: ir.Model, target: str, precision_: str = "fp32",
                progress: Callable[[str], None] | None = None, method: str = "mesa",
-               decode_kernel: str = "gqa") -> list[str]:
+               decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> list[str]:
     """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
-    return _apply(model, passes_for(target, precision_, method, decode_kernel), progress)
+    return _apply(model, passes_for(target, precision_, method, decode_kernel, prefill_kernel), progress)
 
 
 def export_graphs(model: ir.Model, target: str, precision_: str = "fp32",
                   progress: Callable[[str], None] | None = None, method: str = "mesa",
-                  decode_kernel: str = "gqa") -> tuple[list[str], ir.Model | None]:
+                  decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> tuple[list[str], ir.Model | None]:
     """run_passes, and for int8-int4 the decode graph: the lowered float graph is copied before the int8
     pass and the copy quantized to int4 (weight traffic is what a decode step costs, MatMul rate what a
     prefill costs). Returns (the passes of `model`, the decode graph or None)."""
     if precision_ != "int8-int4":
-        return run_passes(model, target, precision_, progress, method, decode_kernel), None
-    passes = passes_for(target, precision_, method, decode_kernel)
+        return run_passes(model, target, precision_, progress, method, decode_kernel, prefill_kernel), None
+    passes = passes_for(target, precision_, method, decode_kernel, prefill_kernel)
     names = _apply(model, passes[:-1], progress)
     decode = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     _apply(decode, [QUANTIZE["int4"]], progress)

@@ -2,7 +2,9 @@
 
 Engines exported with `--decode-kernel grouped` run their decode steps on ai.mesa.cpu::GroupedDecodeAttention
 (runtime/ops/decode_attention.cpp): GroupQueryAttention's decode contract, with each KV head's cached
-keys and values read once for all the query heads that share it. Build the library with
+keys and values read once for all the query heads that share it. `--prefill-kernel tiled` runs prefill
+chunks on ai.mesa.cpu::TiledPrefillAttention (runtime/ops/prefill_attention.cpp): tiles of queries against
+blocks of keys with an online softmax, instead of every head's probabilities in memory. Build the library with
 `bash scripts/build_cpp.sh` (it lands in build/cpp/libmesa_ops.so) or point MESA_OPS_LIBRARY at one.
 
 Every session this runtime opens registers the library when one is found; a graph without the domain
@@ -19,7 +21,7 @@ import onnxruntime as ort
 DOMAIN = "ai.mesa.cpu"
 ENV = "MESA_OPS_LIBRARY"
 BUILT = Path(__file__).resolve().parents[1] / "build" / "cpp" / "libmesa_ops.so"
-MISSING = (f"this engine runs its decode steps on the Mesa CPU kernels ({DOMAIN}); build them with "
+MISSING = (f"this engine runs attention on the Mesa CPU kernels ({DOMAIN}); build them with "
            f"`bash scripts/build_cpp.sh` or set {ENV} to a libmesa_ops.so")
 _MARK = "mesa.custom_ops"  # a session config entry: options that already carry the library
 

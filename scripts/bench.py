@@ -43,8 +43,8 @@ from scripts.bench_workers import build_genai, export_ours, log  # noqa: E402
 FULL_LENGTHS = (1024, 2048, 4096, 6144, 8192, 12288)
 QUICK_LENGTHS = (1024, 2048)
 DECODE_AT = (2048, 8192, 12288)
-METHODS = ("ours", "ours-grouped", "ours-portable", "transformers-sdpa", "reference-mesa", "ort-genai")
-DEFAULT_METHODS = ("ours", "ours-grouped", "transformers-sdpa", "reference-mesa", "ort-genai")
+METHODS = ("ours", "ours-grouped", "ours-kernels", "ours-portable", "transformers-sdpa", "reference-mesa", "ort-genai")
+DEFAULT_METHODS = ("ours", "ours-kernels", "transformers-sdpa", "reference-mesa", "ort-genai")
 
 
 # ------------------------------------------------------------------------------- the sweep
@@ -87,14 +87,17 @@ def method_table(args, work: Path) -> dict[str, dict]:
     wanted = args.methods
     if "ours" in wanted:
         table["ours"] = {"engine": str(export_ours(model, work / "engine_M_mesa", args.max_len, "ort-cpu"))}
-    if "ours-grouped" in wanted:
+    kernels = {"ours-grouped": ("engine_M_mesa_grouped", {"decode_kernel": "grouped"}),
+               "ours-kernels": ("engine_M_mesa_kernels", {"decode_kernel": "grouped", "prefill_kernel": "tiled"})}
+    for name, (folder, options) in kernels.items():
+        if name not in wanted:
+            continue
         from runtime import custom_ops
 
         if custom_ops.library() is None:
-            log("ours-grouped skipped: the Mesa CPU kernels are not built (bash scripts/build_cpp.sh)")
+            log(f"{name} skipped: the Mesa CPU kernels are not built (bash scripts/build_cpp.sh)")
         else:
-            table["ours-grouped"] = {"engine": str(export_ours(model, work / "engine_M_mesa_grouped", args.max_len,
-                                                               "ort-cpu", decode_kernel="grouped"))}
+            table[name] = {"engine": str(export_ours(model, work / folder, args.max_len, "ort-cpu", **options))}
     if "ours-portable" in wanted:
         table["ours-portable"] = {"engine": str(export_ours(model, work / "engine_M_mesa_portable", args.max_len,
                                                             "portable"))}

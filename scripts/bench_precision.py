@@ -3,6 +3,7 @@
     python scripts/bench_precision.py                 # model M speed + error, trained-model passkey (~40 min)
     python scripts/bench_precision.py --quick         # short lengths, 10 prompts per passkey cell: a smoke run
     python scripts/bench_precision.py --skip-speed    # accuracy only
+    python scripts/bench_precision.py --mesa-kernels  # every engine on the Mesa CPU kernels (scripts/build_cpp.sh)
 
 1. Model M (scripts/bench_model.py, random weights) exported at every precision (`export.py --precision
    fp32 | int8 | int4 | int8-int4`, target ort-cpu). Speed: prefill seconds at --prefill-at (median of
@@ -120,7 +121,9 @@ def passkey_accuracy(args, work: Path) -> list[dict]:
 def markdown(r: dict) -> str:
     m = r["machine"]
     out = [f"# Precision: model M and the trained passkey model, {m['cpu']}, {m['cores']} cores", "",
-           f"CPU features: {', '.join(r['cpu_features']) or 'none of avx512_vnni / amx_int8 / avx_vnni'}.", ""]
+           f"CPU features: {', '.join(r['cpu_features']) or 'none of avx512_vnni / amx_int8 / avx_vnni'}."
+           + (" Every engine on the Mesa CPU kernels (--decode-kernel grouped --prefill-kernel tiled)."
+              if r.get("mesa_kernels") else ""), ""]
     pts = {(p["precision"], p["length"]): p for p in r.get("speed", []) if "prefill_median_s" in p}
     if pts:
         lengths = sorted({L for _, L in pts})
@@ -222,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="prefill/decode at 1k/2k, error at 5k, 10 passkey prompts")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-passkey", action="store_true")
+    p.add_argument("--mesa-kernels", action="store_true",
+                   help="export every precision with --decode-kernel grouped --prefill-kernel tiled (the fp32 baseline "
+                        "too, so the ratios compare quantization alone)")
     return p
 
 
@@ -241,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_speed:
         model = make_model_m(work / "model_M")
         max_len = max(max(args.prefill_at), max(args.decode_at) + args.decode_tokens, args.error_length + 16) + 8
-        engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}", max_len, "ort-cpu", p)
+        kernels = {"decode_kernel": "grouped", "prefill_kernel": "tiled"} if args.mesa_kernels else {}
+        suffix = "_kernels" if args.mesa_kernels else ""
+        engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}{suffix}", max_len, "ort-cpu", p, **kernels)
                    for p in args.precisions}
+        result["mesa_kernels"] = args.mesa_kernels
         result["speed"] = speed(args, engines)
         result["errors"] = logit_errors(engines, args.error_length, MODEL_M["vocab_size"])
     if not args.skip_passkey:

@@ -7,6 +7,7 @@
 |---|---|---|
 | ours | the exported engine (`export_engine(..., method="mesa", target="ort-cpu")`, Mesa defaults for T = 4096) on ONNX Runtime CPU | Mesa schedule |
 | ours-grouped | the same export with `decode_kernel="grouped"` (decode steps on the Mesa CPU kernel, runtime/ops) | Mesa schedule |
+| ours-kernels | the same export with both Mesa CPU kernels: `decode_kernel="grouped"`, `prefill_kernel="tiled"` | Mesa schedule |
 | ours-portable | the same export with target "portable" (the MesaAttention function as is; opt-in) | Mesa schedule |
 | transformers-sdpa | `LlamaForCausalLM`, attn_implementation="sdpa", `logits_to_keep=1`, DynamicCache | full causal |
 | reference-mesa | our PyTorch reference decoder (export/reference.TorchStep) walked by runtime.scheduler | Mesa schedule |
@@ -35,7 +36,7 @@ def log(msg: str) -> None:
 
 
 def export_ours(model: Path, out: Path, max_len: int, target: str, precision: str | None = None,
-                decode_kernel: str = "gqa") -> Path:
+                decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> Path:
     """The engine in `out`, exported unless a readable one of this runtime's format is there already."""
     from export.api import export_engine
     from runtime.artifact import ArtifactError, load_manifest
@@ -48,9 +49,9 @@ def export_ours(model: Path, out: Path, max_len: int, target: str, precision: st
             log(f"re-exporting {out.name}: {e}")
 
     log(f"exporting {out.name}: model {model}, max_len {max_len}, method mesa, target {target}, "
-        f"precision {precision or 'default'}, decode kernel {decode_kernel}")
+        f"precision {precision or 'default'}, decode kernel {decode_kernel}, prefill kernel {prefill_kernel}")
     export_engine(model, out, max_len=max_len, method="mesa", target=target, precision=precision, force=True,
-                  decode_kernel=decode_kernel)
+                  decode_kernel=decode_kernel, prefill_kernel=prefill_kernel)
     return out
 
 
@@ -215,7 +216,7 @@ def worker_genai(spec) -> dict:
     return out
 
 
-WORKERS = {"ours": worker_ours, "ours-grouped": worker_ours, "ours-portable": worker_ours, "transformers-sdpa": worker_transformers, "reference-mesa": worker_reference,
+WORKERS = {"ours": worker_ours, "ours-grouped": worker_ours, "ours-kernels": worker_ours, "ours-portable": worker_ours, "transformers-sdpa": worker_transformers, "reference-mesa": worker_reference,
            "ort-genai": worker_genai}
 
 

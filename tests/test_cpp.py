@@ -79,12 +79,13 @@ def test_published_fixture_logits(binary, tmp_path):
     assert rows == [case.fed_tokens + case.argmax_tokens[-1:]]
 
 
-def test_grouped_decode_kernel_engine(binary, tmp_path):
-    """An engine exported with --decode-kernel grouped: the runner loads libmesa_ops.so from beside itself and
-    reproduces the published logits; pointed at no library, it refuses in one line saying how to build it."""
+@pytest.mark.parametrize("kernels", [["--decode-kernel", "grouped"], ["--prefill-kernel", "tiled"]])
+def test_mesa_kernel_engines(binary, tmp_path, kernels):
+    """An engine exported with --decode-kernel grouped or --prefill-kernel tiled: the runner loads libmesa_ops.so
+    from beside itself and reproduces the published logits; pointed at no library, it refuses in one line saying
+    how to build it."""
     case = load_official("a_L300_gqa")
-    engine_dir = quiet_export(case.model_dir, tmp_path / "engine", case.max_len,
-                              [*case.export_args(), "--decode-kernel", "grouped"])
+    engine_dir = quiet_export(case.model_dir, tmp_path / "engine", case.max_len, [*case.export_args(), *kernels])
     rows, _ = cpp(binary, engine_dir, case.input_ids.tolist(), "--max-new-tokens", "17", "--save-logits",
                   str(tmp_path / "out"), tmp=tmp_path)
     assert np.abs(np.load(tmp_path / "out.prefill.npy") - case.prefill_logits).max() <= TOL

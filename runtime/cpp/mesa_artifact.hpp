@@ -86,7 +86,7 @@ struct Manifest {
   int64_t max_len, vocab_size, layers, kv_heads, head_dim;
   std::vector<int64_t> eos_token_ids;
   std::set<std::string> io;  // input and output names
-  bool custom_ops = false;   // passes include grouped_decode: the graph needs libmesa_ops.so (runtime/custom_ops.py)
+  bool custom_ops = false;   // passes include grouped_decode / tiled_prefill: the graph needs libmesa_ops.so
 };
 
 inline std::string show_dir(const fs::path& d) {  // as Python's Path prints it: no trailing separator
@@ -128,7 +128,8 @@ inline Manifest load_manifest(const fs::path& dir) {  // runtime/artifact.py loa
     auto text = [&](const std::string& name) { return field(j, name, "").get<std::string>(); };
     m.method = text("method"), m.dtype = text("dtype"), m.target = text("target");
     for (const auto& pass : j.value("passes", json::array()))
-      if (pass.is_string() && pass.get<std::string>() == "grouped_decode") m.custom_ops = true;
+      if (pass.is_string() && (pass.get<std::string>() == "grouped_decode" || pass.get<std::string>() == "tiled_prefill"))
+        m.custom_ops = true;
     if (m.method != "mesa" && m.method != "origin")
       throw LoadError("field method: '" + m.method + "' is not served by the C++ runner (it runs 'mesa' and 'origin' engines; serve the other methods with the Python runtime)");
     const json& p = field(j, "params", "");

@@ -62,7 +62,7 @@ struct Engine {
     std::error_code ec;
     const fs::path lib = chosen && *chosen ? fs::path(chosen) : fs::read_symlink("/proc/self/exe", ec).parent_path() / "libmesa_ops.so";
     if (!fs::is_regular_file(lib))
-      throw LoadError("this engine runs its decode steps on the Mesa CPU kernels (ai.mesa.cpu); build them with "
+      throw LoadError("this engine runs attention on the Mesa CPU kernels (ai.mesa.cpu); build them with "
                       "`bash scripts/build_cpp.sh` or set MESA_OPS_LIBRARY to a libmesa_ops.so (" + lib.string() +
                       " is not a file)");
     try {

@@ -1,5 +1,5 @@
 // ai.mesa.cpu::GroupedDecodeAttention: one decode step of attention over an in-place KV cache, for ONNX
-// Runtime's CPU execution provider (a custom-op library: runtime/ops/README.md).
+// Runtime's CPU execution provider (a custom-op library: runtime/README.md, "Mesa CPU kernels").
 //
 // Same inputs, attributes and outputs as the com.microsoft::GroupQueryAttention call it replaces in the
 // decode branch of the `inplace` kernel (graph_ops/lower_attention.py), for one new token per row:
@@ -18,11 +18,12 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -293,19 +294,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel> {
 
 }  // namespace
 
-extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api) {
-  Ort::InitApi(api->GetApi(ORT_API_VERSION));
+const OrtCustomOp* decode_attention_op() {
   static Op op;
-  static std::once_flag once;
-  static Ort::CustomOpDomain* domain = nullptr;
-  try {
-    std::call_once(once, [] {
-      domain = new Ort::CustomOpDomain("ai.mesa.cpu");  // lives as long as the process: sessions keep using it
-      domain->Add(&op);
-    });
-    Ort::UnownedSessionOptions(options).Add(*domain);
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-  }
-  return nullptr;
+  return &op;
 }
