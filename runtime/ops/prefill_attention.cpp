@@ -190,7 +190,7 @@ typedef int i8 __attribute__((vector_size(32)));
 __attribute__((target("avx512f"))) void gemm_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
                                                     int64_t M, int64_t N, int64_t K, float* C, int64_t ldc,
                                                     bool add) {
-  gemm_vec<v16, 16, 4, 8>(A, lda, B, ldb, M, N, K, C, ldc, add);
+  gemm_vec<v16, 16, 4, 6>(A, lda, B, ldb, M, N, K, C, ldc, add);
 }
 __attribute__((target("avx512f"))) void soften_avx512(float* p, int64_t seen, float& top, float& sum, float* o,
                                                       int64_t d) {
