@@ -173,3 +173,13 @@ def cpp_build() -> Path:
         pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, f"build_cpp.sh failed:\n{run.stderr[-4000:]}"
     return root / "build" / "cpp"
+
+
+@pytest.fixture(scope="session")
+def mesa_ops_library(cpp_build) -> Path:
+    """build/cpp/libmesa_ops.so, the library every session then registers (runtime/custom_ops.py)."""
+    from runtime import custom_ops
+
+    path = cpp_build / "libmesa_ops.so"
+    assert path.is_file() and custom_ops.library() == path
+    return path

@@ -37,13 +37,6 @@ TOL = 1e-4
 GROUPED = ["--decode-kernel", "grouped"]
 
 
-@pytest.fixture(scope="module")
-def library(cpp_build):
-    path = cpp_build / "libmesa_ops.so"
-    assert path.is_file() and custom_ops.library() == path
-    return path
-
-
 # ------------------------------------------------------------------------------ the kernel against GQA
 
 def attention_model(op: str, domain: str, B: int, H: int, Hkv: int, d: int, M: int) -> bytes:
@@ -87,7 +80,7 @@ def run_attention(op, domain, feeds, cache, share: bool):
 
 @pytest.mark.parametrize("loops", ["avx2", "portable"])
 @pytest.mark.parametrize("share", [True, False])
-def test_kernel_equals_group_query_attention(library, monkeypatch, loops, share):
+def test_kernel_equals_group_query_attention(mesa_ops_library, monkeypatch, loops, share):
     if loops == "portable":  # read when the session creates the kernel
         monkeypatch.setenv("MESA_OPS_PORTABLE", "1")
     B, H, Hkv, M, d = 3, 8, 2, 300, 64
@@ -114,7 +107,7 @@ def test_kernel_equals_group_query_attention(library, monkeypatch, loops, share)
 # ------------------------------------------------------------------------------ engines exported with it
 
 @pytest.mark.parametrize("name", OFFICIAL_CASES)
-def test_published_logits_through_the_grouped_kernel(library, tmp_path, name):
+def test_published_logits_through_the_grouped_kernel(mesa_ops_library, tmp_path, name):
     case = load_official(name)
     with contextlib.redirect_stdout(io.StringIO()):
         out = export_engine(case.model_dir, tmp_path / "engine", case.max_len, [*case.export_args(), *GROUPED])
@@ -127,7 +120,7 @@ def test_published_logits_through_the_grouped_kernel(library, tmp_path, name):
 
 
 @pytest.fixture(scope="module")
-def tiny(library, tmp_path_factory):
+def tiny(mesa_ops_library, tmp_path_factory):
     """(checkpoint, the gqa engine, the grouped engine) of a tiny Llama trained at T = 64."""
     d = tmp_path_factory.mktemp("grouped")
     ckpt = tiny_checkpoint(d / "ckpt", max_position_embeddings=MESA_T64["train_length"])
@@ -196,7 +189,7 @@ def test_an_engine_that_needs_the_kernels_says_how_to_build_them(tiny, monkeypat
 
 @pytest.mark.parametrize("flags, says", [(["--target", "portable"], "is for --target ort-cpu"),
                                          (["--method", "rerope"], "is for --target ort-cpu")])
-def test_export_refuses_grouped_where_it_cannot_run(library, tiny, tmp_path, flags, says):
+def test_export_refuses_grouped_where_it_cannot_run(mesa_ops_library, tiny, tmp_path, flags, says):
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "export.py", "--model", str(tiny[0]), "--max-len", "480", "--out", str(out),
                           *GROUPED, *flags], capture_output=True, text=True, timeout=120)

@@ -40,13 +40,6 @@ TILED = ["--prefill-kernel", "tiled"]
 BOTH = [*TILED, "--decode-kernel", "grouped"]
 
 
-@pytest.fixture(scope="module")
-def library(cpp_build):
-    path = cpp_build / "libmesa_ops.so"
-    assert path.is_file() and custom_ops.library() == path
-    return path
-
-
 # ------------------------------------------------------------------------------ the kernel
 
 def prefill_model(op: str, domain: str, B: int, H: int, Hkv: int, d: int, s: int, P: int) -> bytes:
@@ -108,7 +101,7 @@ SHAPES = [  # B, H, Hkv, d, s, P, pasts: no past, past not a whole block, chunk 
 
 @pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"H{s[1]}-{s[2]}_d{s[3]}_s{s[4]}_past{s[6][0]}")
-def test_kernel_equals_group_query_attention(library, monkeypatch, loops, shape):
+def test_kernel_equals_group_query_attention(mesa_ops_library, monkeypatch, loops, shape):
     for k, v in LOOPS[loops].items():  # read when the session creates the kernel
         monkeypatch.setenv(k, v)
     B, H, Hkv, d, s, P, pasts = shape
@@ -120,7 +113,7 @@ def test_kernel_equals_group_query_attention(library, monkeypatch, loops, shape)
 
 
 @pytest.mark.parametrize("loops", LOOPS)
-def test_rows_of_a_batch_see_their_own_past(library, monkeypatch, loops):
+def test_rows_of_a_batch_see_their_own_past(mesa_ops_library, monkeypatch, loops):
     for k, v in LOOPS[loops].items():
         monkeypatch.setenv(k, v)
     feeds = inputs(3, 8, 2, 64, 50, 150, [150, 0, 77], seed=1)  # rows with a full, no, and a partial past
@@ -128,7 +121,7 @@ def test_rows_of_a_batch_see_their_own_past(library, monkeypatch, loops):
     assert np.abs(got - numpy_attention(feeds, 8, 2)).max() <= 1e-5
 
 
-def test_kernel_refuses_a_past_that_does_not_fit(library):
+def test_kernel_refuses_a_past_that_does_not_fit(mesa_ops_library):
     feeds = inputs(1, 4, 2, 64, 10, 20, [20])
     feeds["seqlens_k"] = np.array([40], np.int32)  # 31 past keys claimed, 20 rows given
     with pytest.raises(Exception, match="seqlens_k does not fit"):
@@ -138,7 +131,7 @@ def test_kernel_refuses_a_past_that_does_not_fit(library):
 # ------------------------------------------------------------------------------ engines exported with it
 
 @pytest.mark.parametrize("name", OFFICIAL_CASES)
-def test_published_logits_through_both_kernels(library, tmp_path, name):
+def test_published_logits_through_both_kernels(mesa_ops_library, tmp_path, name):
     case = load_official(name)
     with contextlib.redirect_stdout(io.StringIO()):
         out = export_engine(case.model_dir, tmp_path / "engine", case.max_len, [*case.export_args(), *BOTH])
@@ -150,7 +143,7 @@ def test_published_logits_through_both_kernels(library, tmp_path, name):
 
 
 @pytest.fixture(scope="module")
-def wide(library, tmp_path_factory):
+def wide(mesa_ops_library, tmp_path_factory):
     """(checkpoint, engine with both Mesa kernels) of a small Llama with head size 64 (the vector loops), T = 64.
     Weights at half the usual spread: at 0.2 its logits reach ~12, where float32 alone (ORT's own kernels
     too) drifts past 1e-4 from the reference within 100 steps; at 0.1 they reach ~7 and stay within 3e-5."""
@@ -209,7 +202,7 @@ def test_another_method_gives_the_same_logits(wide, tmp_path):
 
 @pytest.mark.parametrize("flags, says", [(["--target", "portable"], "is for --target ort-cpu"),
                                          (["--method", "rerope"], "is for --target ort-cpu")])
-def test_export_refuses_tiled_where_it_cannot_run(library, wide, tmp_path, flags, says):
+def test_export_refuses_tiled_where_it_cannot_run(mesa_ops_library, wide, tmp_path, flags, says):
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "export.py", "--model", str(wide[0]), "--max-len", "480", "--out", str(out),
                           *TILED, *flags], capture_output=True, text=True, timeout=120)
