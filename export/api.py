@@ -117,31 +117,34 @@ def check_options(method: str, target: str, precision: str, max_len, decode_kern
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
         raise Refused(f"max_len must be an integer, got {max_len!r}")
     if decode_kernel == "grouped":
-        check_grouped(method, target)
+        check_grouped(method, target, precision)
     if prefill_kernel == "tiled":
-        check_tiled(method, target)
+        check_tiled(method, target, precision)
 
 
-def check_grouped(method: str, target: str) -> None:
+def check_grouped(method: str, target: str, precision: str = "fp32") -> None:
     """--decode-kernel grouped: an ort-cpu engine with the in-place decode cache, and the kernels built."""
-    _check_kernel("--decode-kernel grouped", method, target, INPLACE_METHODS, "the in-place decode cache")
+    _check_kernel("--decode-kernel grouped", method, target, precision, INPLACE_METHODS, "the in-place decode cache")
 
 
-def check_tiled(method: str, target: str) -> None:
+def check_tiled(method: str, target: str, precision: str = "fp32") -> None:
     """--prefill-kernel tiled: an ort-cpu engine whose attention is lowered from MesaAttention, kernels built."""
     from runtime.methods import CLASSES
 
     lowered = tuple(m for m in METHODS if not (m in CLASSES and CLASSES[m].own_op))
-    _check_kernel("--prefill-kernel tiled", method, target, lowered, "prefill attention on GroupQueryAttention")
+    _check_kernel("--prefill-kernel tiled", method, target, precision, lowered,
+                  "prefill attention on GroupQueryAttention")
 
 
-def _check_kernel(flag: str, method: str, target: str, methods: tuple[str, ...], why: str) -> None:
+def _check_kernel(flag: str, method: str, target: str, precision: str, methods: tuple[str, ...], why: str) -> None:
     from export.preflight import Refused
     from runtime import custom_ops
 
     if target != "ort-cpu" or method not in methods:
         raise Refused(f"{flag} is for --target ort-cpu engines of methods {', '.join(methods)} ({why}), "
                       f"not target {target} / method {method}")
+    if float_dtype(precision) != "fp32":  # the kernels take float32 tensors (quantized engines keep attention fp32)
+        raise Refused(f"{flag} runs float32 attention: use --precision fp32, int8, int4 or int8-int4, not {precision}")
     try:
         found = custom_ops.library()
     except custom_ops.CustomOpsError as e:

@@ -188,7 +188,8 @@ def test_an_engine_that_needs_the_kernels_says_how_to_build_them(tiny, monkeypat
 
 
 @pytest.mark.parametrize("flags, says", [(["--target", "portable"], "is for --target ort-cpu"),
-                                         (["--method", "rerope"], "is for --target ort-cpu")])
+                                         (["--method", "rerope"], "is for --target ort-cpu"),
+                                         (["--precision", "fp16"], "runs float32 attention")])
 def test_export_refuses_grouped_where_it_cannot_run(mesa_ops_library, tiny, tmp_path, flags, says):
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "export.py", "--model", str(tiny[0]), "--max-len", "480", "--out", str(out),

@@ -201,7 +201,8 @@ def test_another_method_gives_the_same_logits(wide, tmp_path):
 
 
 @pytest.mark.parametrize("flags, says", [(["--target", "portable"], "is for --target ort-cpu"),
-                                         (["--method", "rerope"], "is for --target ort-cpu")])
+                                         (["--method", "rerope"], "is for --target ort-cpu"),
+                                         (["--precision", "fp16"], "runs float32 attention")])
 def test_export_refuses_tiled_where_it_cannot_run(mesa_ops_library, wide, tmp_path, flags, says):
     out = tmp_path / "engine"
     run = subprocess.run([sys.executable, "export.py", "--model", str(wide[0]), "--max-len", "480", "--out", str(out),
