@@ -97,8 +97,11 @@ def run(args, setting: dict) -> dict:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = make_model_m(work / "model_M")
-    name = "engine_M_mesa" + ("" if args.decode_kernel == "gqa" else f"_{args.decode_kernel}")  # bench.py's engines
-    engine = export_ours(model, work / name, MAX_LEN, "ort-cpu", decode_kernel=args.decode_kernel)
+    kernels = (args.decode_kernel, args.prefill_kernel)
+    name = "engine_M_mesa" + {("gqa", "gqa"): "", ("grouped", "gqa"): "_grouped", ("grouped", "tiled"): "_kernels"}.get(
+        kernels, f"_{args.decode_kernel}_{args.prefill_kernel}")  # bench.py's engines where it has them
+    engine = export_ours(model, work / name, MAX_LEN, "ort-cpu", decode_kernel=args.decode_kernel,
+                         prefill_kernel=args.prefill_kernel)
     slots = max(setting["concurrency"])
     proc, url = start_server(engine, slots, out / "server.log")
     rows = []
@@ -117,7 +120,8 @@ def run(args, setting: dict) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return {"machine": machine(), "engine": str(engine), "decode_kernel": args.decode_kernel, "slots": slots,
+    return {"machine": machine(), "engine": str(engine), "decode_kernel": args.decode_kernel,
+            "prefill_kernel": args.prefill_kernel, "slots": slots,
             "setting": setting, "rows": rows}
 
 
@@ -156,7 +160,8 @@ def goals(result: dict) -> list[str]:
 def markdown(result: dict) -> str:
     s = result["setting"]
     lines = [f"{s['tokens']} generated tokens per request, {s['rounds']} requests per client, --slots "
-             f"{result['slots']}, decode kernel {result.get('decode_kernel', 'gqa')}; TTFT seen by the client.", "",
+             f"{result['slots']}, decode kernel {result.get('decode_kernel', 'gqa')}, prefill kernel "
+             f"{result.get('prefill_kernel', 'gqa')}; TTFT seen by the client.", "",
              "| workload | clients | requests | generated tokens/s | TTFT p50 | TTFT p99 | ms/token (median) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['workload']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds one request may take")
     p.add_argument("--decode-kernel", choices=("gqa", "grouped"), default="gqa",
                    help="the engine's decode kernel (export.py --decode-kernel; grouped needs scripts/build_cpp.sh)")
+    p.add_argument("--prefill-kernel", choices=("gqa", "tiled"), default="gqa",
+                   help="the engine's prefill kernel (export.py --prefill-kernel; tiled needs scripts/build_cpp.sh)")
     p.add_argument("--work", default=str(ROOT / "bench_out"), help="where model M and its engine live")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "serve"))
     p.add_argument("--report-only", action="store_true", help="rewrite serve.md and serve.png from --out's serve.json")
