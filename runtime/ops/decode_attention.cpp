@@ -19,6 +19,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "ops.h"
+#include "vector_exp.h"
 
 #include <algorithm>
 #include <cmath>
@@ -131,34 +132,9 @@ __attribute__((target("avx2,fma"))) void values_block_avx2(const float* p, int64
   }
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial,
-// relative error ~2e-7; below -87 it returns 0.
+// exp(x) for x <= 0 (softmax after subtracting the max): runtime/ops/vector_exp.h, 8 lanes at a time.
 __attribute__((target("avx2,fma"))) void exp_avx2(float* x, int64_t n) {
-  const __m256 lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
-  const __m256 p0 = _mm256_set1_ps(1.9875691500e-4f), p1 = _mm256_set1_ps(1.3981999507e-3f),
-               p2 = _mm256_set1_ps(8.3334519073e-3f), p3 = _mm256_set1_ps(4.1665795894e-2f),
-               p4 = _mm256_set1_ps(1.6666665459e-1f), p5 = _mm256_set1_ps(5.0000001201e-1f),
-               one = _mm256_set1_ps(1.0f);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_loadu_ps(x + j);
-    const __m256 under = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
-    v = _mm256_max_ps(v, lo);
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, c1, v);
-    r = _mm256_fnmadd_ps(k, c2, r);
-    __m256 y = _mm256_fmadd_ps(p0, r, p1);
-    y = _mm256_fmadd_ps(y, r, p2);
-    y = _mm256_fmadd_ps(y, r, p3);
-    y = _mm256_fmadd_ps(y, r, p4);
-    y = _mm256_fmadd_ps(y, r, p5);
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    _mm256_storeu_ps(x + j, _mm256_andnot_ps(under, y));
-  }
-  for (; j < n; ++j) x[j] = std::exp(x[j]);
+  mesa_ops::exp_neg_inplace<mesa_ops::v8, mesa_ops::i8>(x, n);
 }
 
 const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

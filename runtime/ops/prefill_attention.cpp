@@ -23,9 +23,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "ops.h"
+#include "vector_exp.h"
 
 namespace {
 
@@ -67,36 +69,6 @@ inline __attribute__((always_inline)) void gemm_vec(const float* A, int64_t lda,
     for (; m + R <= M; m += R) panel<V, L, NV, R>(A + m * lda, lda, B + n, ldb, K, C + m * ldc + n, ldc, add);
     for (; m < M; ++m) panel<V, L, NV, 1>(A + m * lda, lda, B + n, ldb, K, C + m * ldc + n, ldc, add);
   }
-}
-
-// exp(x) for x <= 0 (scores minus their row maximum): Cephes' range reduction and degree-5 polynomial,
-// relative error ~2e-7; below -87 (and -inf, the masked keys) it returns 0.
-template <class V, class I>
-inline __attribute__((always_inline)) V exp_neg(V x) {
-  const V lo = V{} - 87.0f;
-  const I under = x < lo;
-  x = x < lo ? lo : x;
-  const V t = x * 1.44269504088896341f - 0.5f;  // round half down: x <= 0, so truncation toward zero of t
-  const I ki = __builtin_convertvector(t, I);
-  const V k = __builtin_convertvector(ki, V);
-  V r = x - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  V y = V{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + (r + 1.0f);
-  const I e = (ki + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &e, sizeof(V));
-  y = y * scale;
-  I bits;
-  std::memcpy(&bits, &y, sizeof(V));
-  bits &= ~under;
-  std::memcpy(&y, &bits, sizeof(V));
-  return y;
 }
 
 // One row of a block's scores: mask keys >= seen, fold them into the running max / sum (the online
@@ -152,7 +124,7 @@ inline __attribute__((always_inline)) void soften_vec(float* p, int64_t seen, fl
   const float m = std::max(top, reduce_max(mx));
   V acc{};
   for (int v = 0; v < NB; ++v) {
-    x[v] = exp_neg<V, I>(x[v] - m);
+    x[v] = mesa_ops::exp_neg<V, I>(x[v] - m);
     acc += x[v];
     std::memcpy(p + v * L, &x[v], sizeof(V));
   }
@@ -181,10 +153,10 @@ void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t M, i
 }
 
 #if defined(__x86_64__)
-typedef float v16 __attribute__((vector_size(64)));
-typedef int i16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef int i8 __attribute__((vector_size(32)));
+using mesa_ops::i16;
+using mesa_ops::i8;
+using mesa_ops::v16;
+using mesa_ops::v8;
 
 // AVX-512: a 6 x 64 block of C in 24 of the 32 zmm registers; AVX2: 6 x 16 in 12 of the 16 ymm.
 __attribute__((target("avx512f"))) void gemm_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -352,11 +324,12 @@ struct Kernel {
     int64_t keys = 0;
     for (int64_t b = 0; b < B; ++b) keys = std::max<int64_t>(keys, lens[b] + 1);
     const int64_t ld = (keys + kKeys - 1) / kKeys * kKeys;  // keys rounded up to whole blocks
-    std::vector<float> keys_t(B * kv_heads * d * ld), values(B * kv_heads * ld * d);
+    // scratch, not zeroed: gather writes every element a tile reads (the key padding explicitly)
+    std::unique_ptr<float[]> keys_t(new float[B * kv_heads * d * ld]), values(new float[B * kv_heads * ld * d]);
     const int64_t width = isa == Isa::avx512 ? 64 : 16;
     Task task{B, s, heads, kv_heads, d, ps[2], (s + kTile - 1) / kTile, ld,
               query.GetTensorData<float>(), key.GetTensorData<float>(), value.GetTensorData<float>(),
-              past_k.GetTensorData<float>(), past_v.GetTensorData<float>(), lens, keys_t.data(), values.data(),
+              past_k.GetTensorData<float>(), past_v.GetTensorData<float>(), lens, keys_t.get(), values.get(),
               out.GetTensorMutableData<float>(), scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(d)),
               d % width == 0 ? isa : Isa::portable};
     ctx.ParallelFor(gather, static_cast<size_t>(B * kv_heads), 0, &task);
