@@ -38,7 +38,7 @@ from scripts.bench_limits import (  # noqa: E402
 )
 from scripts.bench_model import MAX_LEN, MODEL_M, make_model_m, prefill_flops  # noqa: E402
 from scripts.bench_report import FULL_ATTENTION, write_report  # noqa: E402
-from scripts.bench_workers import build_genai, export_ours, log  # noqa: E402
+from scripts.bench_workers import KERNEL_METHODS, build_genai, export_ours, kernel_suffix, log  # noqa: E402
 
 FULL_LENGTHS = (1024, 2048, 4096, 6144, 8192, 12288)
 QUICK_LENGTHS = (1024, 2048)
@@ -87,9 +87,7 @@ def method_table(args, work: Path) -> dict[str, dict]:
     wanted = args.methods
     if "ours" in wanted:
         table["ours"] = {"engine": str(export_ours(model, work / "engine_M_mesa", args.max_len, "ort-cpu"))}
-    kernels = {"ours-grouped": ("engine_M_mesa_grouped", {"decode_kernel": "grouped"}),
-               "ours-kernels": ("engine_M_mesa_kernels", {"decode_kernel": "grouped", "prefill_kernel": "tiled"})}
-    for name, (folder, options) in kernels.items():
+    for name, options in KERNEL_METHODS.items():
         if name not in wanted:
             continue
         from runtime import custom_ops
@@ -97,7 +95,8 @@ def method_table(args, work: Path) -> dict[str, dict]:
         if custom_ops.library() is None:
             log(f"{name} skipped: the Mesa CPU kernels are not built (bash scripts/build_cpp.sh)")
         else:
-            table[name] = {"engine": str(export_ours(model, work / folder, args.max_len, "ort-cpu", **options))}
+            folder = work / f"engine_M_mesa{kernel_suffix(**options)}"
+            table[name] = {"engine": str(export_ours(model, folder, args.max_len, "ort-cpu", **options))}
     if "ours-portable" in wanted:
         table["ours-portable"] = {"engine": str(export_ours(model, work / "engine_M_mesa_portable", args.max_len,
                                                             "portable"))}

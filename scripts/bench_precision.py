@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 from scripts.bench import ints, spawn  # noqa: E402
 from scripts.bench_limits import machine  # noqa: E402
 from scripts.bench_model import MODEL_M, make_model_m  # noqa: E402
-from scripts.bench_workers import export_ours, log  # noqa: E402
+from scripts.bench_workers import KERNEL_METHODS, export_ours, kernel_suffix, log  # noqa: E402
 
 PRECISIONS = ("fp32", "int8", "int4", "int8-int4")
 PASSKEY_PARAMS = dict(train_length=256, first_chunk=16, first_chunk_cache=16, last_context=64, reserve_tokens=8,
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_speed:
         model = make_model_m(work / "model_M")
         max_len = max(max(args.prefill_at), max(args.decode_at) + args.decode_tokens, args.error_length + 16) + 8
-        kernels = {"decode_kernel": "grouped", "prefill_kernel": "tiled"} if args.mesa_kernels else {}
-        suffix = "_kernels" if args.mesa_kernels else ""
-        engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}{suffix}", max_len, "ort-cpu", p, **kernels)
+        kernels = KERNEL_METHODS["ours-kernels"] if args.mesa_kernels else {}
+        engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}{kernel_suffix(**kernels)}", max_len,
+                                  "ort-cpu", p, **kernels)
                    for p in args.precisions}
         result["mesa_kernels"] = args.mesa_kernels
         result["speed"] = speed(args, engines)

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 from scripts.bench import ints  # noqa: E402
 from scripts.bench_limits import machine  # noqa: E402
 from scripts.bench_model import MAX_LEN, make_model_m  # noqa: E402
-from scripts.bench_workers import export_ours  # noqa: E402
+from scripts.bench_workers import export_ours, kernel_suffix  # noqa: E402
 
 FULL = dict(concurrency=[1, 2, 4, 8, 16], workloads={"1k": [1024], "1k+8k": [1024, 8192]}, tokens=256, rounds=2)
 QUICK = dict(concurrency=[1, 2, 4], workloads={"64": [64], "64+256": [64, 256]}, tokens=8, rounds=2)
@@ -97,9 +97,7 @@ def run(args, setting: dict) -> dict:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = make_model_m(work / "model_M")
-    kernels = (args.decode_kernel, args.prefill_kernel)
-    name = "engine_M_mesa" + {("gqa", "gqa"): "", ("grouped", "gqa"): "_grouped", ("grouped", "tiled"): "_kernels"}.get(
-        kernels, f"_{args.decode_kernel}_{args.prefill_kernel}")  # bench.py's engines where it has them
+    name = "engine_M_mesa" + kernel_suffix(args.decode_kernel, args.prefill_kernel)  # bench.py's engines
     engine = export_ours(model, work / name, MAX_LEN, "ort-cpu", decode_kernel=args.decode_kernel,
                          prefill_kernel=args.prefill_kernel)
     slots = max(setting["concurrency"])

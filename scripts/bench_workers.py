@@ -35,6 +35,17 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# Our engines with the Mesa CPU kernels: bench.py's method -> export options; folders are named by kernel_suffix
+KERNEL_METHODS = {"ours-grouped": {"decode_kernel": "grouped"},
+                  "ours-kernels": {"decode_kernel": "grouped", "prefill_kernel": "tiled"}}
+
+
+def kernel_suffix(decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> str:
+    """The engine-folder suffix of a kernel choice, one rule for every script so they reuse each other's engines."""
+    named = {("gqa", "gqa"): "", ("grouped", "gqa"): "_grouped", ("grouped", "tiled"): "_kernels"}
+    return named.get((decode_kernel, prefill_kernel), f"_{decode_kernel}_{prefill_kernel}")
+
+
 def export_ours(model: Path, out: Path, max_len: int, target: str, precision: str | None = None,
                 decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> Path:
     """The engine in `out`, exported unless a readable one of this runtime's format is there already."""
