@@ -175,6 +175,12 @@ def cpp_build() -> Path:
     return root / "build" / "cpp"
 
 
+def refused_export(model_dir: Path, out: Path, flags: list[str], max_len: int = 480) -> subprocess.CompletedProcess:
+    """export.py run as a user runs it, for the refusal tests: (returncode, stderr) is what they check."""
+    return subprocess.run([sys.executable, "export.py", "--model", str(model_dir), "--max-len", str(max_len),
+                           "--out", str(out), *flags], capture_output=True, text=True, timeout=120, cwd=fixtures.ROOT)
+
+
 @pytest.fixture(scope="session")
 def mesa_ops_library(cpp_build) -> Path:
     """build/cpp/libmesa_ops.so, the library every session then registers (runtime/custom_ops.py)."""

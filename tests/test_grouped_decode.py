@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import subprocess
-import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +28,7 @@ from tests.conftest import (
     load_official,
     prompt,
     reference_greedy,
+    refused_export,
     tiny_checkpoint,
 )
 
@@ -192,7 +191,6 @@ def test_an_engine_that_needs_the_kernels_says_how_to_build_them(tiny, monkeypat
                                          (["--precision", "fp16"], "runs float32 attention")])
 def test_export_refuses_grouped_where_it_cannot_run(mesa_ops_library, tiny, tmp_path, flags, says):
     out = tmp_path / "engine"
-    run = subprocess.run([sys.executable, "export.py", "--model", str(tiny[0]), "--max-len", "480", "--out", str(out),
-                          *GROUPED, *flags], capture_output=True, text=True, timeout=120)
+    run = refused_export(tiny[0], out, [*GROUPED, *flags])
     assert run.returncode == 2 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not out.exists()

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -32,6 +30,7 @@ from tests.conftest import (
     load_official,
     prompt,
     reference_greedy,
+    refused_export,
     tiny_checkpoint,
 )
 
@@ -205,8 +204,7 @@ def test_another_method_gives_the_same_logits(wide, tmp_path):
                                          (["--precision", "fp16"], "runs float32 attention")])
 def test_export_refuses_tiled_where_it_cannot_run(mesa_ops_library, wide, tmp_path, flags, says):
     out = tmp_path / "engine"
-    run = subprocess.run([sys.executable, "export.py", "--model", str(wide[0]), "--max-len", "480", "--out", str(out),
-                          *TILED, *flags], capture_output=True, text=True, timeout=120)
+    run = refused_export(wide[0], out, [*TILED, *flags])
     assert run.returncode == 2 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
