@@ -31,6 +31,8 @@ TARGETS = ("portable", "ort-cpu", "ort-cuda", "tensorrt")  # graph_ops.pipeline.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-int4")
 DECODE_KERNELS = ("gqa", "grouped")  # graph_ops.pipeline.DECODE_KERNELS (not imported: seconds)
 PREFILL_KERNELS = ("gqa", "tiled")  # graph_ops.pipeline.PREFILL_KERNELS
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # graph_ops.precision.INT4_BLOCK_SIZES
+INT4_BLOCK_SIZE = 128  # graph_ops.precision.INT4_BLOCK_SIZE: why this default
 STAGES = ("load", "trace", "passes", "save", "verify")  # commit.fault points, in order
 
 
@@ -55,7 +57,7 @@ def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: s
                   params: dict | None = None, target: str = "ort-cpu", precision: str | None = None,
                   force: bool = False, verify: bool = True, progress: bool = True,
                   method_params: dict | None = None, decode_kernel: str = "gqa",
-                  prefill_kernel: str = "gqa") -> Manifest:
+                  prefill_kernel: str = "gqa", int4_block_size: int | None = None) -> Manifest:
     """Export `model` (an alias, a local HF folder, or an HF id in the local cache) to the engine directory
     `out` and return its manifest.
 
@@ -70,11 +72,14 @@ def export_engine(model: str | Path, out: str | Path, *, max_len: int, method: s
     GroupQueryAttention) or grouped (the Mesa CPU kernel, runtime/ops: each KV head read once per step;
     ort-cpu, methods with the in-place decode cache, needs the library scripts/build_cpp.sh builds);
     prefill_kernel: gqa (ORT's GroupQueryAttention) or tiled (the Mesa CPU kernel: a prefill chunk's attention
-    in tiles with an online softmax; ort-cpu, the same library); force: replace `out` if it is an engine directory
+    in tiles with an online softmax; ort-cpu, the same library); int4_block_size: weights per int4 scale along
+    K for precision int4 and int8-int4, one of INT4_BLOCK_SIZES (default INT4_BLOCK_SIZE, 128: smaller blocks
+    are closer to fp32 and slower to decode); force: replace `out` if it is an engine directory
     or empty; verify: check the engine against the PyTorch reference; progress: a bar on stderr."""
     return run_export(model, out, max_len=max_len, method=method, params=params, target=target, precision=precision,
                       force=force, verify=verify, progress=progress, method_params=method_params,
-                      decode_kernel=decode_kernel, prefill_kernel=prefill_kernel).manifest
+                      decode_kernel=decode_kernel, prefill_kernel=prefill_kernel,
+                      int4_block_size=int4_block_size).manifest
 
 
 def errors() -> tuple[type[Exception], ...]:
@@ -103,7 +108,7 @@ def quiet_libraries() -> None:
 
 
 def check_options(method: str, target: str, precision: str, max_len, decode_kernel: str = "gqa",
-                  prefill_kernel: str = "gqa") -> None:
+                  prefill_kernel: str = "gqa", int4_block_size: int | None = None) -> None:
     from export.preflight import Refused
 
     for name, value, choices in (("method", method, METHODS), ("target", target, TARGETS),
@@ -116,6 +121,11 @@ def check_options(method: str, target: str, precision: str, max_len, decode_kern
                       f"not {target}")
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
         raise Refused(f"max_len must be an integer, got {max_len!r}")
+    if int4_block_size is not None:
+        if "int4" not in precision:
+            raise Refused(f"an int4 block size is for precision int4 or int8-int4, not {precision}")
+        if int4_block_size not in INT4_BLOCK_SIZES:
+            raise Refused(f"int4 block size {int4_block_size!r} is not one of {', '.join(map(str, INT4_BLOCK_SIZES))}")
     if decode_kernel == "grouped":
         check_grouped(method, target, precision)
     if prefill_kernel == "tiled":
@@ -216,7 +226,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
                target: str = "ort-cpu", precision: str | None = None, force: bool = False,
                verify: bool = True, progress: bool = True, log: Callable[[str], None] = _stderr,
                method_params: dict | None = None, decode_kernel: str = "gqa",
-               prefill_kernel: str = "gqa") -> ExportResult:
+               prefill_kernel: str = "gqa", int4_block_size: int | None = None) -> ExportResult:
     """export_engine with what the CLI's summary needs (op counts, the verify report); `log` gets the
     warning lines and what the sweep of dead exports' leftovers did."""
     from export import commit
@@ -225,7 +235,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
     out = Path(out).expanduser().resolve()
     staging = bar = None
     try:
-        check_options(method, target, precision, max_len, decode_kernel, prefill_kernel)
+        check_options(method, target, precision, max_len, decode_kernel, prefill_kernel, int4_block_size)
         dtype = float_dtype(precision)
         max_len = int(max_len)  # numpy integers too; the manifest is JSON
         path, alias, config, mesa_params, method_obj = preflight_checks(model, out, max_len, method, params, force,
@@ -253,7 +263,8 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
         stage("passes")
         passes, decode_graph = pipeline.export_graphs(
             graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"),
-            method=method, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel)
+            method=method, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel,
+            int4_block_size=int4_block_size or INT4_BLOCK_SIZE)
         bar.update()
 
         manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target, precision, decode_graph)

@@ -8,7 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from export.api import DECODE_KERNELS, METHODS, PRECISIONS, PREFILL_KERNELS, TARGETS, default_precision, quiet_libraries  # noqa: F401
+from export.api import (DECODE_KERNELS, INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, METHODS, PRECISIONS,  # noqa: F401
+                        PREFILL_KERNELS, TARGETS, default_precision, quiet_libraries)
 
 EXIT_BAD_INPUT = 2
 
@@ -72,10 +73,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32 | fp16 | bf16: a float engine of that type (default fp16 for ort-cuda and tensorrt, "
                         "else fp32). int8: MatMul weights int8 per channel, activations quantized per call "
-                        "(faster prefill); int4: weights int4 in blocks of 32 (MatMulNBits; faster decode); "
+                        "(faster prefill); int4: weights int4 in blocks along K (MatMulNBits; faster decode); "
                         "int8-int4: both in one engine, int8 for prefill steps and int4 for decode steps. "
                         "Quantized engines keep the rest in fp32, are for --target ort-cpu and give "
                         "approximate logits")
+    p.add_argument("--int4-block-size", type=int, choices=INT4_BLOCK_SIZES, default=None, metavar="B",
+                   help=f"int4 and int8-int4: weights per int4 scale along K, one of "
+                        f"{', '.join(map(str, INT4_BLOCK_SIZES))} (default {INT4_BLOCK_SIZE}; smaller blocks are "
+                        f"closer to fp32, larger ones decode faster: the scales are fewer bytes to read)")
     p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default="gqa",
                    help="the in-place decode attention of --target ort-cpu: gqa (default; ONNX Runtime's "
                         "GroupQueryAttention) or grouped (the Mesa CPU kernel, runtime/ops: each KV head's cache read "
@@ -112,6 +117,7 @@ def api_kwargs(args) -> dict:
     return dict(max_len=args.max_len, method=args.method, params={f: getattr(args, f) for _, f, _, _ in PARAM_FLAGS},
                 target=args.target, precision=args.precision, force=args.force,
                 verify=not args.no_verify, decode_kernel=args.decode_kernel, prefill_kernel=args.prefill_kernel,
+                int4_block_size=args.int4_block_size,
                 method_params={f: getattr(args, f"method_{f}") for _, f, _, _ in METHOD_FLAGS})
 
 

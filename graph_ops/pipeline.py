@@ -11,7 +11,7 @@ of the passes it applied (the manifest records them); `export_graphs` also retur
 | inline_parts | inline_parts.py | the ai.mesa parts expanded into standard ops |
 | cleanup | cleanup.py | constant folding, CSE, dead nodes, shape inference |
 | quantize_int8 | precision.py | per-channel int8 MatMul weights, dynamic activations (ort-cpu, `--precision int8`) |
-| quantize_int4 | precision.py | weight-only int4 MatMulNBits (ort-cpu, `--precision int4`) |
+| quantize_int4[b] | precision.py | weight-only int4 MatMulNBits in blocks of b (ort-cpu, `--precision int4`) |
 | check_half_precision | precision.py | GPU targets: warns when the weights are not fp16/bf16 |
 | check_tensorrt_ops | tensorrt_ops.py | fails listing any op the TensorRT 10.15 parser lacks |
 
@@ -94,8 +94,14 @@ def _check_half(model: ir.Model) -> None:
 FUSE = GraphPass("fuse_step_positions", _fuse)
 INLINE = GraphPass("inline_parts", lambda m: inline_parts.inline_parts(m))
 CLEANUP = GraphPass("cleanup", lambda m: cleanup.cleanup(m))
-QUANTIZE = {"int8": _counting("quantize_int8", precision.quantize_int8, "no MatMul with constant weights"),
-            "int4": _counting("quantize_int4", precision.quantize_int4, "no MatMul with constant weights")}
+QUANTIZE_INT8 = _counting("quantize_int8", precision.quantize_int8, "no MatMul with constant weights")
+
+
+def quantize_int4(block_size: int) -> GraphPass:
+    return _counting(f"quantize_int4[{block_size}]", lambda m: precision.quantize_int4(m, block_size),
+                     "no MatMul with constant weights")
+
+
 CHECK_HALF = GraphPass("check_half_precision", _check_half)
 def _check_tensorrt(model: ir.Model) -> None:
     try:
@@ -117,11 +123,13 @@ PIPELINES: dict[str, list[GraphPass]] = {
 
 
 def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
-               decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> list[GraphPass]:
+               decode_kernel: str = "gqa", prefill_kernel: str = "gqa",
+               int4_block_size: int = precision.INT4_BLOCK_SIZE) -> list[GraphPass]:
     """The passes of the graph an engine's prefill steps run (and, but for int8-int4, its decode steps).
     Methods with an op of their own (graph_ops/methods_op.py) have no MesaAttention to lower or fuse; the
     others but INPLACE_METHODS lower with `auto` on ort-cpu. decode_kernel grouped adds grouped_decode
-    (ort-cpu, INPLACE_METHODS); prefill_kernel tiled adds tiled_prefill (ort-cpu, MesaAttention methods)."""
+    (ort-cpu, INPLACE_METHODS); prefill_kernel tiled adds tiled_prefill (ort-cpu, MesaAttention methods);
+    int4_block_size: the int4 weights' block size along K (precision.INT4_BLOCK_SIZES)."""
     if target not in PIPELINES:
         raise PassError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision_ not in PRECISIONS:
@@ -130,6 +138,9 @@ def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
         raise PassError(f"unknown decode kernel {decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}")
     if prefill_kernel not in PREFILL_KERNELS:
         raise PassError(f"unknown prefill kernel {prefill_kernel!r}; choose one of {', '.join(PREFILL_KERNELS)}")
+    if int4_block_size not in precision.INT4_BLOCK_SIZES:
+        raise PassError(f"int4 block size {int4_block_size!r} is not one of "
+                        f"{', '.join(map(str, precision.INT4_BLOCK_SIZES))}")
     passes = list(PIPELINES[target])
     if method in methods_op.OPS:
         passes = [p for p in passes if p is not FUSE and not p.name.startswith("lower_attention")]
@@ -149,7 +160,7 @@ def passes_for(target: str, precision_: str = "fp32", method: str = "mesa",
     if precision_ in precision.QUANTIZED_PRECISIONS:
         if target != "ort-cpu":
             raise PassError(f"--precision {precision_} (onnxruntime.quantization's CPU kernels) is for --target ort-cpu")
-        passes.append(QUANTIZE[precision_.split("-")[0]])
+        passes.append(QUANTIZE_INT8 if precision_.startswith("int8") else quantize_int4(int4_block_size))
     return passes
 
 
@@ -163,21 +174,26 @@ def _apply(model: ir.Model, passes: list[GraphPass], progress) -> list[str]:
 
 def run_passes(model: ir.Model, target: str, precision_: str = "fp32",
                progress: Callable[[str], None] | None = None, method: str = "mesa",
-               decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> list[str]:
+               decode_kernel: str = "gqa", prefill_kernel: str = "gqa",
+               int4_block_size: int = precision.INT4_BLOCK_SIZE) -> list[str]:
     """Apply the target's pipeline to `model` in place; returns the names of the passes applied."""
-    return _apply(model, passes_for(target, precision_, method, decode_kernel, prefill_kernel), progress)
+    return _apply(model, passes_for(target, precision_, method, decode_kernel, prefill_kernel, int4_block_size),
+                  progress)
 
 
 def export_graphs(model: ir.Model, target: str, precision_: str = "fp32",
                   progress: Callable[[str], None] | None = None, method: str = "mesa",
-                  decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> tuple[list[str], ir.Model | None]:
+                  decode_kernel: str = "gqa", prefill_kernel: str = "gqa",
+                  int4_block_size: int = precision.INT4_BLOCK_SIZE) -> tuple[list[str], ir.Model | None]:
     """run_passes, and for int8-int4 the decode graph: the lowered float graph is copied before the int8
     pass and the copy quantized to int4 (weight traffic is what a decode step costs, MatMul rate what a
-    prefill costs). Returns (the passes of `model`, the decode graph or None)."""
+    prefill costs). Returns (the passes of `model`, then for int8-int4 the decode graph's int4 pass; the
+    decode graph or None)."""
     if precision_ != "int8-int4":
-        return run_passes(model, target, precision_, progress, method, decode_kernel, prefill_kernel), None
-    passes = passes_for(target, precision_, method, decode_kernel, prefill_kernel)
+        return run_passes(model, target, precision_, progress, method, decode_kernel, prefill_kernel,
+                          int4_block_size), None
+    passes = passes_for(target, precision_, method, decode_kernel, prefill_kernel, int4_block_size)
     names = _apply(model, passes[:-1], progress)
     decode = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    _apply(decode, [QUANTIZE["int4"]], progress)
-    return names + _apply(model, passes[-1:], progress), decode
+    decode_names = _apply(decode, [quantize_int4(int4_block_size)], progress)
+    return names + _apply(model, passes[-1:], progress) + decode_names, decode

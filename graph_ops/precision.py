@@ -4,7 +4,7 @@
 |---|---|---|---|
 | fp32 / fp16 / bf16 | that float type | same | model.onnx |
 | int8 | MatMul weights int8, per output channel, symmetric | float32; each MatMul input quantized to uint8 per call (dynamic, per tensor) | model.onnx |
-| int4 | MatMul weights int4, blocks of 32 along K (MatMulNBits) | float32 (int8 inside the kernel, accuracy_level 4) | model.onnx |
+| int4 | MatMul weights int4, blocks of `INT4_BLOCK_SIZE` (128) along K (MatMulNBits) | float32 (int8 inside the kernel, accuracy_level 4) | model.onnx |
 | int8-int4 | int8 for prefill steps, int4 for decode steps | as above | model.onnx (prefill), decode.onnx (decode) |
 
 Quantized precisions keep everything but the MatMul weights in float32 (RMSNorm, RoPE, softmax, the
@@ -16,10 +16,9 @@ cache, logits) and are for the ort-cpu target. Both quantizers are onnxruntime.q
   scales. calibration/data.py measures per phase why static scales would not do.
 * `quantize_int4`: weight-only int4 — every MatMul whose right
   operand is a 2-D initializer becomes com.microsoft::MatMulNBits (symmetric, blocks of
-  `block_size` along K, accuracy_level 4 = int8 activations on the CPU kernel), through
-  onnxruntime.quantization's MatMulNBitsQuantizer. Activations, the KV cache, RMSNorm, softmax and
-  logits stay float32. Accuracy is measured by scripts/bench_passes.py (max |Δlogit| and greedy
-  agreement against fp32) and reported in the README.
+  `block_size` along K with one fp32 scale each, accuracy_level 4 = int8 activations on the CPU kernel),
+  through onnxruntime.quantization's MatMulNBitsQuantizer. Activations, the KV cache, RMSNorm, softmax
+  and logits stay float32. Speed and accuracy per precision: scripts/bench_precision.py, in the README.
 * fp16 / bf16 for the CUDA and TensorRT targets are produced at trace time (`--precision`, which those
   targets default to fp16): the decoder casts to float32 where it must (RMSNorm statistics, softmax,
   logits), which a blind graph-level float conversion would not. `half_precision_report` checks
@@ -40,6 +39,12 @@ logger = logging.getLogger(__name__)
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 QUANTIZED_PRECISIONS = ("int8", "int4", "int8-int4")
 PRECISIONS = FLOAT_PRECISIONS + QUANTIZED_PRECISIONS
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits' block sizes along K
+# Blocks of 128 (GPTQ's and AWQ's usual group size) by measurement, model M on a 2-core Intel Xeon (AMX),
+# int8-int4 on the Mesa kernels: decode at 2k context 7.5 ms/token against 9.5 with blocks of 32 (fp32
+# 26.4): the scales of 32-weight blocks are a quarter of the int4 bytes. The trained passkey model stays
+# within 0.01 of fp32 at 256-2048 tokens with either (scripts/results/precision/).
+INT4_BLOCK_SIZE = 128
 
 
 def quantize_int8(model: ir.Model) -> int:
@@ -72,7 +77,7 @@ def _replace(model: ir.Model, new: ir.Model) -> None:
     model.functions.update(new.functions)
 
 
-def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4) -> int:
+def quantize_int4(model: ir.Model, block_size: int = INT4_BLOCK_SIZE, accuracy_level: int = 4) -> int:
     """Weight-only int4 in place; returns the number of MatMulNBits nodes."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 from scripts.bench import ints, spawn  # noqa: E402
 from scripts.bench_limits import machine  # noqa: E402
 from scripts.bench_model import MODEL_M, make_model_m  # noqa: E402
+from export.api import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES  # noqa: E402
 from scripts.bench_workers import KERNEL_METHODS, export_ours, kernel_suffix, log  # noqa: E402
 
 PRECISIONS = ("fp32", "int8", "int4", "int8-int4")
@@ -99,6 +100,11 @@ def logit_errors(engines: dict[str, Path], length: int, vocab: int) -> dict[str,
     return errors
 
 
+def block_suffix(precision: str, block_size: int) -> str:
+    """Engines with int4 weights are cached per block size (an older folder may hold another one)."""
+    return f"_b{block_size}" if "int4" in precision else ""
+
+
 def passkey_accuracy(args, work: Path) -> list[dict]:
     from export import api
     from runtime.engine import MesaEngine
@@ -107,10 +113,11 @@ def passkey_accuracy(args, work: Path) -> list[dict]:
     task = passkey.Task.load(fixtures.TRAINED / "task.json")
     engines = {}
     for precision in args.precisions:
-        out = work / f"passkey_{precision}"
+        out = work / f"passkey_{precision}{block_suffix(precision, args.int4_block_size)}"
         if not (out / "mesa.json").is_file():
             api.export_engine(fixtures.TRAINED / "model", out, max_len=max(args.passkey_lengths) + 16,
-                              params=PASSKEY_PARAMS, precision=precision, force=True, progress=False)
+                              params=PASSKEY_PARAMS, precision=precision, force=True, progress=False,
+                              int4_block_size=args.int4_block_size if "int4" in precision else None)
         engines[precision] = MesaEngine.load(out)
     cells = passkey.run(engines, task, args.passkey_lengths, passkey.MODES, args.n, 0)
     for e in engines.values():
@@ -123,7 +130,8 @@ def markdown(r: dict) -> str:
     out = [f"# Precision: model M and the trained passkey model, {m['cpu']}, {m['cores']} cores", "",
            f"CPU features: {', '.join(r['cpu_features']) or 'none of avx512_vnni / amx_int8 / avx_vnni'}."
            + (" Every engine on the Mesa CPU kernels (--decode-kernel grouped --prefill-kernel tiled)."
-              if r.get("mesa_kernels") else ""), ""]
+              if r.get("mesa_kernels") else "")
+           + (f" int4 weights in blocks of {r['int4_block_size']}." if r.get("int4_block_size") else ""), ""]
     pts = {(p["precision"], p["length"]): p for p in r.get("speed", []) if "prefill_median_s" in p}
     if pts:
         lengths = sorted({L for _, L in pts})
@@ -225,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="prefill/decode at 1k/2k, error at 5k, 10 passkey prompts")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-passkey", action="store_true")
+    p.add_argument("--int4-block-size", type=int, choices=INT4_BLOCK_SIZES, default=INT4_BLOCK_SIZE,
+                   help=f"weights per scale of the int4 engines (export.py --int4-block-size; default {INT4_BLOCK_SIZE})")
     p.add_argument("--mesa-kernels", action="store_true",
                    help="export every precision with --decode-kernel grouped --prefill-kernel tiled (the fp32 baseline "
                         "too, so the ratios compare quantization alone)")
@@ -243,13 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = {"machine": machine(), "cpu_features": cpu_features(), "precisions": args.precisions,
+              "int4_block_size": args.int4_block_size,
               "error_length": args.error_length}
     if not args.skip_speed:
         model = make_model_m(work / "model_M")
         max_len = max(max(args.prefill_at), max(args.decode_at) + args.decode_tokens, args.error_length + 16) + 8
         kernels = KERNEL_METHODS["ours-kernels"] if args.mesa_kernels else {}
-        engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}{kernel_suffix(**kernels)}", max_len,
-                                  "ort-cpu", p, **kernels)
+        engines = {p: export_ours(model, work / f"engine_M_{p}_{max_len}{kernel_suffix(**kernels)}"
+                                         f"{block_suffix(p, args.int4_block_size)}", max_len,
+                                  "ort-cpu", p, **kernels, int4_block_size=args.int4_block_size if "int4" in p else None)
                    for p in args.precisions}
         result["mesa_kernels"] = args.mesa_kernels
         result["speed"] = speed(args, engines)

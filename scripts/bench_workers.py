@@ -47,7 +47,7 @@ def kernel_suffix(decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> st
 
 
 def export_ours(model: Path, out: Path, max_len: int, target: str, precision: str | None = None,
-                decode_kernel: str = "gqa", prefill_kernel: str = "gqa") -> Path:
+                decode_kernel: str = "gqa", prefill_kernel: str = "gqa", int4_block_size: int | None = None) -> Path:
     """The engine in `out`, exported unless a readable one of this runtime's format is there already."""
     from export.api import export_engine
     from runtime.artifact import ArtifactError, load_manifest
@@ -60,9 +60,10 @@ def export_ours(model: Path, out: Path, max_len: int, target: str, precision: st
             log(f"re-exporting {out.name}: {e}")
 
     log(f"exporting {out.name}: model {model}, max_len {max_len}, method mesa, target {target}, "
-        f"precision {precision or 'default'}, decode kernel {decode_kernel}, prefill kernel {prefill_kernel}")
+        f"precision {precision or 'default'}, decode kernel {decode_kernel}, prefill kernel {prefill_kernel}"
+        + (f", int4 blocks of {int4_block_size}" if int4_block_size else ""))
     export_engine(model, out, max_len=max_len, method="mesa", target=target, precision=precision, force=True,
-                  decode_kernel=decode_kernel, prefill_kernel=prefill_kernel)
+                  decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, int4_block_size=int4_block_size)
     return out
 
 

@@ -63,6 +63,8 @@ def test_the_api_knows_the_pipeline_targets():
 
     assert api.TARGETS == pipeline.TARGETS
     assert api.PRECISIONS == precision.PRECISIONS
+    assert api.DECODE_KERNELS == pipeline.DECODE_KERNELS and api.PREFILL_KERNELS == pipeline.PREFILL_KERNELS
+    assert (api.INT4_BLOCK_SIZES, api.INT4_BLOCK_SIZE) == (precision.INT4_BLOCK_SIZES, precision.INT4_BLOCK_SIZE)
 
 
 def test_manifest_contract_blocks(tiny, tmp_path):

@@ -317,7 +317,9 @@ def test_passes_for_rejects_bad_combinations():
         pipeline.passes_for("tensorrt", "int4")
     with pytest.raises(pipeline.PassError, match="unknown target"):
         pipeline.passes_for("onnx-web")
-    assert [p.name for p in pipeline.passes_for("ort-cpu", "int4")] == [*EXPECTED_PASSES["ort-cpu"], "quantize_int4"]
+    with pytest.raises(pipeline.PassError, match="int4 block size 48"):
+        pipeline.passes_for("ort-cpu", "int4", int4_block_size=48)
+    assert [p.name for p in pipeline.passes_for("ort-cpu", "int4")] == [*EXPECTED_PASSES["ort-cpu"], "quantize_int4[128]"]
 
 
 def test_cli_records_target_and_passes(case, tmp_path):
@@ -327,6 +329,6 @@ def test_cli_records_target_and_passes(case, tmp_path):
                            [*case.export_args(), "--target", "ort-cpu", "--precision", "int4"])
     m = json.loads((engine / artifact.MANIFEST).read_text())
     assert m["target"] == "ort-cpu" and m["dtype"] == "fp32"
-    assert m["passes"] == [*EXPECTED_PASSES["ort-cpu"], "quantize_int4"]
+    assert m["passes"] == [*EXPECTED_PASSES["ort-cpu"], "quantize_int4[128]"]
     model = onnx.load(engine / artifact.MODEL_FILE)
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 15 and not model.functions

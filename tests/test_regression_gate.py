@@ -60,7 +60,7 @@ def test_a_reference_that_cannot_export_is_an_error_not_a_pass(engines, tmp_path
     for part in ("export", "graph_ops", "runtime", "calibration", "scripts"):
         shutil.copytree(ROOT / part, broken / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
     api = broken / "export" / "api.py"
-    line = "        check_options(method, target, precision, max_len, decode_kernel, prefill_kernel)\n"
+    line = "        check_options(method, target, precision, max_len, decode_kernel, prefill_kernel, int4_block_size)\n"
     assert line in api.read_text()
     api.write_text(api.read_text().replace(line, "        raise OSError('this reference cannot export')\n", 1))
     shutil.copytree(engines / "current", tmp_path / "e" / "current")  # only the reference has to export
