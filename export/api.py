@@ -124,7 +124,8 @@ def check_options(method: str, target: str, precision: str, max_len, decode_kern
     if int4_block_size is not None:
         if "int4" not in precision:
             raise Refused(f"an int4 block size is for precision int4 or int8-int4, not {precision}")
-        if int4_block_size not in INT4_BLOCK_SIZES:
+        if (isinstance(int4_block_size, bool) or not isinstance(int4_block_size, numbers.Integral)
+                or int4_block_size not in INT4_BLOCK_SIZES):
             raise Refused(f"int4 block size {int4_block_size!r} is not one of {', '.join(map(str, INT4_BLOCK_SIZES))}")
     if decode_kernel == "grouped":
         check_grouped(method, target, precision)
@@ -264,7 +265,7 @@ def run_export(model: str | Path, out: str | Path, *, max_len: int, method: str 
         passes, decode_graph = pipeline.export_graphs(
             graph, target, precision, progress=lambda name: bar.set_description(f"export: passes ({name})"),
             method=method, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel,
-            int4_block_size=int4_block_size or INT4_BLOCK_SIZE)
+            int4_block_size=INT4_BLOCK_SIZE if int4_block_size is None else int(int4_block_size))
         bar.update()
 
         manifest = onnx_export.make_manifest(lm, graph, str(model), passes, target, precision, decode_graph)

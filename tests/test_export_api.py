@@ -38,6 +38,9 @@ def test_returns_the_manifest_it_writes(tiny, tmp_path, capsys):
     (dict(precision="int2"), preflight.Refused, "precision 'int2'"),
     (dict(precision="int8", target="tensorrt"), preflight.Refused, "precision int8 is for target ort-cpu"),
     (dict(max_len=10**9), preflight.Refused, "largest --max-len"),
+    (dict(int4_block_size=64), preflight.Refused, "for precision int4 or int8-int4, not fp32"),
+    (dict(precision="int4", int4_block_size=128.0), preflight.Refused, "int4 block size 128.0 is not one of"),
+    (dict(precision="int8-int4", int4_block_size=True), preflight.Refused, "int4 block size True"),
 ])
 def test_failures_raise_typed_errors_and_write_nothing(tiny, tmp_path, kwargs, error, fragment):
     out = tmp_path / "engine"
