@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from export.api import DECODE_KERNELS, PREFILL_KERNELS  # noqa: E402
 from scripts.bench import ints  # noqa: E402
 from scripts.bench_limits import machine  # noqa: E402
 from scripts.bench_model import MAX_LEN, make_model_m  # noqa: E402
@@ -219,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="requests per client per level (default 2)")
     p.add_argument("--workload", help="run only this workload (1k or 1k+8k; with --quick, 64 or 64+256)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one request may take")
-    p.add_argument("--decode-kernel", choices=("gqa", "grouped"), default="gqa",
+    p.add_argument("--decode-kernel", choices=DECODE_KERNELS, default="gqa",
                    help="the engine's decode kernel (export.py --decode-kernel; grouped needs scripts/build_cpp.sh)")
-    p.add_argument("--prefill-kernel", choices=("gqa", "tiled"), default="gqa",
+    p.add_argument("--prefill-kernel", choices=PREFILL_KERNELS, default="gqa",
                    help="the engine's prefill kernel (export.py --prefill-kernel; tiled needs scripts/build_cpp.sh)")
     p.add_argument("--work", default=str(ROOT / "bench_out"), help="where model M and its engine live")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "serve"))

@@ -181,6 +181,21 @@ def refused_export(model_dir: Path, out: Path, flags: list[str], max_len: int = 
                            "--out", str(out), *flags], capture_output=True, text=True, timeout=120, cwd=fixtures.ROOT)
 
 
+def assert_refused_in_one_line(model_dir: Path, out: Path, flags: list[str], says: str) -> None:
+    """export.py with `flags` exits 2 with one stderr line containing `says` and writes nothing."""
+    run = refused_export(model_dir, out, flags)
+    assert run.returncode == 2 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def assert_published_generation(g, case: OfficialCase, tol: float = 1e-4) -> None:
+    """generate(case.input_ids, len(case.fed_tokens) + 1, return_logits=True) against the published
+    prefill and decode logits (within tol) and the published greedy tokens."""
+    assert np.abs(g.prefill_logits - case.prefill_logits).max() <= tol
+    assert np.abs(g.decode_logits - case.decode_logits).max() <= tol
+    assert g.tokens[1:] == case.argmax_tokens
+
+
 @pytest.fixture(scope="session")
 def mesa_ops_library(cpp_build) -> Path:
     """build/cpp/libmesa_ops.so, the library every session then registers (runtime/custom_ops.py)."""

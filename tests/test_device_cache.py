@@ -23,6 +23,7 @@ from tests.conftest import (
     MESA_T64,
     MESA_T64_FLAGS,
     anchor_jumps,
+    assert_published_generation,
     export_engine,
     load_official,
     prompt,
@@ -53,9 +54,7 @@ def test_published_logits_through_the_device_decode_cache(official_engine):
     with device_engine(official_engine(case.name)) as engine:
         assert isinstance(engine._decoder.cache, DeviceDecodeCache)
         g = engine.generate(case.input_ids, len(case.fed_tokens) + 1, return_logits=True)
-    assert np.abs(g.prefill_logits - case.prefill_logits).max() <= TOL
-    assert np.abs(g.decode_logits - case.decode_logits).max() <= TOL
-    assert g.tokens[1:] == case.argmax_tokens
+    assert_published_generation(g, case, TOL)
 
 
 @pytest.fixture(scope="module")

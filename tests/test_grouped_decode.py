@@ -24,11 +24,12 @@ from tests.conftest import (
     MESA_T64_FLAGS,
     OFFICIAL_CASES,
     anchor_jumps,
+    assert_published_generation,
+    assert_refused_in_one_line,
     export_engine,
     load_official,
     prompt,
     reference_greedy,
-    refused_export,
     tiny_checkpoint,
 )
 
@@ -113,9 +114,7 @@ def test_published_logits_through_the_grouped_kernel(mesa_ops_library, tmp_path,
     with MesaEngine.load(out, backend="ort-cpu") as engine:
         assert engine.stats()["inplace_decode"]
         g = engine.generate(case.input_ids, len(case.fed_tokens) + 1, return_logits=True)
-    assert np.abs(g.prefill_logits - case.prefill_logits).max() <= TOL
-    assert np.abs(g.decode_logits - case.decode_logits).max() <= TOL
-    assert g.tokens[1:] == case.argmax_tokens
+    assert_published_generation(g, case, TOL)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +189,4 @@ def test_an_engine_that_needs_the_kernels_says_how_to_build_them(tiny, monkeypat
                                          (["--method", "rerope"], "is for --target ort-cpu"),
                                          (["--precision", "fp16"], "runs float32 attention")])
 def test_export_refuses_grouped_where_it_cannot_run(mesa_ops_library, tiny, tmp_path, flags, says):
-    out = tmp_path / "engine"
-    run = refused_export(tiny[0], out, [*GROUPED, *flags])
-    assert run.returncode == 2 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+    assert_refused_in_one_line(tiny[0], tmp_path / "engine", [*GROUPED, *flags], says)

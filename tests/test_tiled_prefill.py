@@ -26,11 +26,12 @@ from tests.conftest import (
     MESA_T64,
     MESA_T64_FLAGS,
     OFFICIAL_CASES,
+    assert_published_generation,
+    assert_refused_in_one_line,
     export_engine,
     load_official,
     prompt,
     reference_greedy,
-    refused_export,
     tiny_checkpoint,
 )
 
@@ -136,9 +137,7 @@ def test_published_logits_through_both_kernels(mesa_ops_library, tmp_path, name)
         out = export_engine(case.model_dir, tmp_path / "engine", case.max_len, [*case.export_args(), *BOTH])
     with MesaEngine.load(out, backend="ort-cpu") as engine:
         g = engine.generate(case.input_ids, len(case.fed_tokens) + 1, return_logits=True)
-    assert np.abs(g.prefill_logits - case.prefill_logits).max() <= TOL
-    assert np.abs(g.decode_logits - case.decode_logits).max() <= TOL
-    assert g.tokens[1:] == case.argmax_tokens
+    assert_published_generation(g, case, TOL)
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +202,7 @@ def test_another_method_gives_the_same_logits(wide, tmp_path):
                                          (["--method", "rerope"], "is for --target ort-cpu"),
                                          (["--precision", "fp16"], "runs float32 attention")])
 def test_export_refuses_tiled_where_it_cannot_run(mesa_ops_library, wide, tmp_path, flags, says):
-    out = tmp_path / "engine"
-    run = refused_export(wide[0], out, [*TILED, *flags])
-    assert run.returncode == 2 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+    assert_refused_in_one_line(wide[0], tmp_path / "engine", [*TILED, *flags], says)
 
 
 def test_quantized_engines_run_on_the_kernels(wide, tmp_path):

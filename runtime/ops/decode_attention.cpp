@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -136,10 +135,6 @@ __attribute__((target("avx2,fma"))) void values_block_avx2(const float* p, int64
 __attribute__((target("avx2,fma"))) void exp_avx2(float* x, int64_t n) {
   mesa_ops::exp_neg_inplace<mesa_ops::v8, mesa_ops::i8>(x, n);
 }
-
-const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-const bool kAvx2 = false;
 #endif
 
 // One (row, KV head): rotate and store the new key/value, then all G query heads of the group in one
@@ -200,7 +195,7 @@ void run_group(void* data, size_t index) {
 struct Kernel {
   int64_t heads, kv_heads;
   float scale;
-  bool vector = kAvx2 && std::getenv("MESA_OPS_PORTABLE") == nullptr;  // the env var: tests of the plain loops
+  bool vector = mesa_ops::detect() != mesa_ops::Isa::portable;  // AVX2 (an AVX-512 CPU has it too)
 
   Kernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);

@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -179,16 +178,7 @@ __attribute__((target("avx2,fma"))) void soften_avx2(float* p, int64_t seen, flo
 }
 #endif
 
-enum class Isa { portable, avx2, avx512 };
-
-Isa detect() {
-  if (std::getenv("MESA_OPS_PORTABLE") != nullptr) return Isa::portable;
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f") && std::getenv("MESA_OPS_NO_AVX512") == nullptr) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-#endif
-  return Isa::portable;
-}
+using mesa_ops::Isa;
 
 struct Task {
   int64_t batch, s, heads, kv_heads, d, past_rows, tiles, ld;
@@ -284,7 +274,7 @@ void run_tile(void* data, size_t index) {
 struct Kernel {
   int64_t heads, kv_heads;
   float scale = 0.0f;
-  Isa isa = detect();
+  Isa isa = mesa_ops::detect();
 
   Kernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);

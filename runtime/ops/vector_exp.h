@@ -1,11 +1,25 @@
-// exp for vectors of floats (GCC vector extensions), shared by the Mesa CPU kernels: compiled into each
-// kernel's AVX2 / AVX-512 functions by inlining, so one formula serves every vector width.
+// What the Mesa CPU kernels share: which vector loops this CPU runs (Isa, detect), and exp for vectors of
+// floats (GCC vector extensions), compiled into each kernel's AVX2 / AVX-512 functions by inlining, so one
+// formula serves every vector width.
 #pragma once
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace mesa_ops {
+
+enum class Isa { portable, avx2, avx512 };
+
+// The widest loops this CPU has; MESA_OPS_PORTABLE / MESA_OPS_NO_AVX512 force narrower ones (the tests).
+inline Isa detect() {
+  if (std::getenv("MESA_OPS_PORTABLE") != nullptr) return Isa::portable;
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f") && std::getenv("MESA_OPS_NO_AVX512") == nullptr) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::portable;
+}
 
 typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
 typedef int i16 __attribute__((vector_size(64)));
