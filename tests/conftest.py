@@ -181,6 +181,22 @@ def refused_export(model_dir: Path, out: Path, flags: list[str], max_len: int = 
                            "--out", str(out), *flags], capture_output=True, text=True, timeout=120, cwd=fixtures.ROOT)
 
 
+def one_node_session(op: str, domain: str, inputs: list[tuple], outputs: list[tuple], **attributes):
+    """An ONNX Runtime CPU session over one node `op` (inputs / outputs as (name, elem_type, shape), all of them
+    graph inputs / outputs), with the Mesa kernels registered: the kernel tests run ORT's op and ours alike."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from runtime import custom_ops
+
+    node = helper.make_node(op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], domain=domain, **attributes)
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info(*o) for o in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    return ort.InferenceSession(model.SerializeToString(), custom_ops.register(ort.SessionOptions()),
+                                providers=["CPUExecutionProvider"])
+
+
 def assert_refused_in_one_line(model_dir: Path, out: Path, flags: list[str], says: str) -> None:
     """export.py with `flags` exits 2 with one stderr line containing `says` and writes nothing."""
     run = refused_export(model_dir, out, flags)

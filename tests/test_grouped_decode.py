@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from runtime import custom_ops, mesa
 from runtime.engine import LoadError, MesaEngine
@@ -28,6 +28,7 @@ from tests.conftest import (
     assert_refused_in_one_line,
     export_engine,
     load_official,
+    one_node_session,
     prompt,
     reference_greedy,
     tiny_checkpoint,
@@ -39,26 +40,21 @@ GROUPED = ["--decode-kernel", "grouped"]
 
 # ------------------------------------------------------------------------------ the kernel against GQA
 
-def attention_model(op: str, domain: str, B: int, H: int, Hkv: int, d: int, M: int) -> bytes:
+def attention_session(op: str, domain: str, B: int, H: int, Hkv: int, d: int, M: int):
     f = TensorProto.FLOAT
     inputs = [("query", f, [B, 1, H * d]), ("key", f, [B, 1, Hkv * d]), ("value", f, [B, 1, Hkv * d]),
               ("past_key", f, [B, Hkv, M, d]), ("past_value", f, [B, Hkv, M, d]), ("seqlens_k", TensorProto.INT32, [B]),
               ("total", TensorProto.INT32, []), ("cos", f, [M, d // 2]), ("sin", f, [M, d // 2])]
     outputs = [("out", f, [B, 1, H * d]), ("present_key", f, [B, Hkv, M, d]), ("present_value", f, [B, Hkv, M, d])]
-    node = helper.make_node(op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], domain=domain, num_heads=H,
-                            kv_num_heads=Hkv, do_rotary=1, rotary_interleaved=0)
-    graph = helper.make_graph([node], "decode", [helper.make_tensor_value_info(*i) for i in inputs],
-                              [helper.make_tensor_value_info(*o) for o in outputs])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)]
-                             ).SerializeToString()
+    return one_node_session(op, domain, inputs, outputs, num_heads=H, kv_num_heads=Hkv, do_rotary=1,
+                            rotary_interleaved=0)
 
 
 def run_attention(op, domain, feeds, cache, share: bool):
     """(out, present_key, present_value); share binds one buffer as past and present, as the engine does."""
     B, Hkv, M, d = cache[0].shape
     H = feeds["query"].shape[-1] // d
-    session = ort.InferenceSession(attention_model(op, domain, B, H, Hkv, d, M),
-                                   custom_ops.register(ort.SessionOptions()), providers=["CPUExecutionProvider"])
+    session = attention_session(op, domain, B, H, Hkv, d, M)
     past_k, past_v = (c.copy() for c in cache)
     b = session.io_binding()
     for name, value in feeds.items():

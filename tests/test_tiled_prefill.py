@@ -16,9 +16,8 @@ import json
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from runtime import custom_ops, mesa
 from runtime.engine import MesaEngine
@@ -30,6 +29,7 @@ from tests.conftest import (
     assert_refused_in_one_line,
     export_engine,
     load_official,
+    one_node_session,
     prompt,
     reference_greedy,
     tiny_checkpoint,
@@ -42,17 +42,14 @@ BOTH = [*TILED, "--decode-kernel", "grouped"]
 
 # ------------------------------------------------------------------------------ the kernel
 
-def prefill_model(op: str, domain: str, B: int, H: int, Hkv: int, d: int, s: int, P: int) -> bytes:
+def prefill_session(op: str, domain: str, B: int, H: int, Hkv: int, d: int, s: int, P: int):
     f = TensorProto.FLOAT
     inputs = [("query", f, [B, s, H * d]), ("key", f, [B, s, Hkv * d]), ("value", f, [B, s, Hkv * d]),
               ("past_key", f, [B, Hkv, P, d]), ("past_value", f, [B, Hkv, P, d]),
               ("seqlens_k", TensorProto.INT32, [B]), ("total", TensorProto.INT32, [])]
-    outputs = ["out"] + (["present_key", "present_value"] if domain == "com.microsoft" else [])
-    node = helper.make_node(op, [n for n, _, _ in inputs], outputs, domain=domain, num_heads=H, kv_num_heads=Hkv)
-    graph = helper.make_graph([node], "prefill", [helper.make_tensor_value_info(*i) for i in inputs],
-                              [helper.make_tensor_value_info("out", f, [B, s, H * d])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)]
-                             ).SerializeToString()
+    presents = [("present_key", f, None), ("present_value", f, None)] if domain == "com.microsoft" else []
+    return one_node_session(op, domain, inputs, [("out", f, [B, s, H * d]), *presents], num_heads=H,
+                            kv_num_heads=Hkv)
 
 
 def inputs(B, H, Hkv, d, s, P, pasts, seed=0):
@@ -69,9 +66,7 @@ def inputs(B, H, Hkv, d, s, P, pasts, seed=0):
 def run(op, domain, feeds, H, Hkv):
     B, s, _ = feeds["query"].shape
     _, _, P, d = feeds["past_key"].shape
-    session = ort.InferenceSession(prefill_model(op, domain, B, H, Hkv, d, s, P),
-                                   custom_ops.register(ort.SessionOptions()), providers=["CPUExecutionProvider"])
-    return session.run(["out"], feeds)[0]
+    return prefill_session(op, domain, B, H, Hkv, d, s, P).run(["out"], feeds)[0]
 
 
 def numpy_attention(feeds, H, Hkv):
