@@ -55,9 +55,10 @@ def prefill_flops(cfg: dict, length: int, schedule: str, params=None) -> dict:
 
 
 def decode_bytes(cfg: dict, context: int) -> int:
-    """Bytes a decode step must read (fp32): every weight once, and the K/V of `context` keys."""
+    """Bytes a decode step must read (fp32): every layer weight and the LM head once, the new token's row of
+    the embedding table (not the table), and the K/V of `context` keys."""
     h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = h // H
-    weights = layers * (h * H * d + 2 * h * Hkv * d + H * d * h + 3 * h * inter + 2 * h) + 2 * vocab * h + h
+    weights = layers * (h * H * d + 2 * h * Hkv * d + H * d * h + 3 * h * inter + 2 * h) + vocab * h + 2 * h
     return 4 * (weights + layers * 2 * Hkv * d * context)

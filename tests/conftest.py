@@ -181,6 +181,11 @@ def refused_export(model_dir: Path, out: Path, flags: list[str], max_len: int = 
                            "--out", str(out), *flags], capture_output=True, text=True, timeout=120, cwd=fixtures.ROOT)
 
 
+# The Mesa kernels' vector forms, each forced by the variables the kernel reads when a session creates it
+# ("native" is the widest this CPU has: AVX-512 here or AVX2).
+KERNEL_LOOPS = {"native": {}, "avx2": {"MESA_OPS_NO_AVX512": "1"}, "portable": {"MESA_OPS_PORTABLE": "1"}}
+
+
 def one_node_session(op: str, domain: str, inputs: list[tuple], outputs: list[tuple], **attributes):
     """An ONNX Runtime CPU session over one node `op` (inputs / outputs as (name, elem_type, shape), all of them
     graph inputs / outputs), with the Mesa kernels registered: the kernel tests run ORT's op and ours alike."""

@@ -22,6 +22,7 @@ from onnx import TensorProto
 from runtime import custom_ops, mesa
 from runtime.engine import MesaEngine
 from tests.conftest import (
+    KERNEL_LOOPS,
     MESA_T64,
     MESA_T64_FLAGS,
     OFFICIAL_CASES,
@@ -88,16 +89,15 @@ def numpy_attention(feeds, H, Hkv):
     return out
 
 
-LOOPS = {"native": {}, "avx2": {"MESA_OPS_NO_AVX512": "1"}, "portable": {"MESA_OPS_PORTABLE": "1"}}
 SHAPES = [  # B, H, Hkv, d, s, P, pasts: no past, past not a whole block, chunk off the tile size, d 16 / 64 / 128
     (1, 4, 2, 64, 5, 0, [0]), (1, 8, 2, 64, 70, 100, [100]), (1, 16, 4, 64, 130, 200, [200]),
     (1, 4, 4, 16, 40, 7, [7]), (1, 6, 2, 128, 65, 64, [64]), (1, 4, 1, 32, 97, 129, [129])]
 
 
-@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize("loops", KERNEL_LOOPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"H{s[1]}-{s[2]}_d{s[3]}_s{s[4]}_past{s[6][0]}")
 def test_kernel_equals_group_query_attention(mesa_ops_library, monkeypatch, loops, shape):
-    for k, v in LOOPS[loops].items():  # read when the session creates the kernel
+    for k, v in KERNEL_LOOPS[loops].items():  # read when the session creates the kernel
         monkeypatch.setenv(k, v)
     B, H, Hkv, d, s, P, pasts = shape
     feeds = inputs(*shape)
@@ -107,9 +107,9 @@ def test_kernel_equals_group_query_attention(mesa_ops_library, monkeypatch, loop
     assert np.abs(got - numpy_attention(feeds, H, Hkv)).max() <= 1e-5
 
 
-@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize("loops", KERNEL_LOOPS)
 def test_rows_of_a_batch_see_their_own_past(mesa_ops_library, monkeypatch, loops):
-    for k, v in LOOPS[loops].items():
+    for k, v in KERNEL_LOOPS[loops].items():
         monkeypatch.setenv(k, v)
     feeds = inputs(3, 8, 2, 64, 50, 150, [150, 0, 77], seed=1)  # rows with a full, no, and a partial past
     got = run("TiledPrefillAttention", custom_ops.DOMAIN, feeds, 8, 2)
