@@ -9,7 +9,7 @@ Every method runs on model M (scripts/bench_model.py, with its FLOP and byte cou
 point runs in a fresh process (scripts/bench_workers.py, which lists what each method runs), so its peak
 RSS (VmHWM) is its own: weights + caches + activations. Prefill seconds are the median of up to --repeats
 prompts (fewer when one prefill exceeds --repeat-budget seconds; the JSON records how many ran). Decode
-ms/token is the mean of --decode-tokens greedy steps after a prefill of the point's length, at the lengths
+ms/token is the median of --decode-tokens greedy steps after a prefill of the point's length, at the lengths
 in --decode-at. Achieved GFLOP/s = counted FLOPs / prefill seconds, shown next to the MatMul rates and the
 memory copy rate measured in the same run (scripts/bench_limits.py). scripts/bench_report.py writes the
 tables, the targets and the plot.
@@ -75,7 +75,7 @@ def summarise(point: dict) -> dict:
     point["prefill_median_s"] = statistics.median(point["prefill_s"])
     point["repeats"] = len(point["prefill_s"])
     if point.get("decode_s"):
-        point["decode_ms_per_token"] = 1e3 * statistics.mean(point["decode_s"])
+        point["decode_ms_per_token"] = 1e3 * statistics.median(point["decode_s"])
     point["gflops"] = point["flops"]["total"] / point["prefill_median_s"] / 1e9
     return point
 
@@ -195,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             other = json.loads(Path(args.merge).read_text())
             lengths = sorted({p["length"] for p in other["points"]})
             results["points"] = [p for p in results["points"] if p["length"] not in lengths] + other["points"]
-            results.setdefault("extra_runs", []).append({"lengths": lengths, "calibration": other["calibration"],
-                                                         "wall_s": other.get("wall_s")})
+            runs = [r for r in results.get("extra_runs", []) if r["lengths"] != lengths]  # merging twice: once
+            results["extra_runs"] = runs + [{"lengths": lengths, "calibration": other["calibration"],
+                                             "wall_s": other.get("wall_s")}]
             results["settings"]["lengths"] = sorted({p["length"] for p in results["points"]})
+            results["settings"]["decode_at"] = sorted({*results["settings"]["decode_at"],
+                                                       *other["settings"]["decode_at"]})
             (out / "bench.json").write_text(json.dumps(results, indent=1))
         write_report(results, out)
         return 0

@@ -9,7 +9,10 @@ process; at each context each gets the same prompt, then the two sequences take 
 (gqa, grouped, gqa, ...) so they share the machine's state step by step (ORT's thread spinning off, or one
 session's idle threads would slow the other); a figure is the median step.
 The limit: the bytes a step must read (scripts/bench_model.decode_bytes: weights + the context's K/V)
-at the copy rate measured in the same run. Writes decode_kernel.json, .md and .png into --out.
+at the copy rate measured in the same run. Then the kernels alone: each as one ONNX node over 12 layers'
+caches of model M's shape at each context (the new row written in place, as the engine binds them), the
+12 calls of a step timed together, alternating; GB/s = the K/V bytes of the step / its median time.
+Writes decode_kernel.json, .md and .png into --out.
 """
 
 from __future__ import annotations
@@ -55,6 +58,74 @@ def measure(engines: dict, context: int, steps: int) -> dict:
             "steps": steps}
 
 
+def kernel_session(kernel: str):
+    """One decode-attention node of model M's shape over a cache of MAX_LEN slots, either kernel."""
+    from onnx import TensorProto, helper
+    import onnxruntime as ort
+
+    from runtime import custom_ops
+
+    H, Hkv = MODEL_M["num_attention_heads"], MODEL_M["num_key_value_heads"]
+    d, f = MODEL_M["hidden_size"] // H, TensorProto.FLOAT
+    inputs = [("query", f, [1, 1, H * d]), ("key", f, [1, 1, Hkv * d]), ("value", f, [1, 1, Hkv * d]),
+              ("past_key", f, [1, Hkv, MAX_LEN, d]), ("past_value", f, [1, Hkv, MAX_LEN, d]),
+              ("seqlens_k", TensorProto.INT32, [1]), ("total", TensorProto.INT32, []),
+              ("cos", f, [MAX_LEN, d // 2]), ("sin", f, [MAX_LEN, d // 2])]
+    outputs = ["out", "present_key", "present_value"]
+    op, domain = ("GroupQueryAttention", "com.microsoft") if kernel == "gqa" else \
+        ("GroupedDecodeAttention", custom_ops.DOMAIN)
+    node = helper.make_node(op, [n for n, _, _ in inputs], outputs, domain=domain, num_heads=H, kv_num_heads=Hkv,
+                            do_rotary=1, rotary_interleaved=0)
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info(o, f, None) for o in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    options = custom_ops.register(ort.SessionOptions())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the two sessions take turns
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def measure_alone(context: int, runs: int) -> dict:
+    """ms per step of each kernel alone: 12 calls, one per layer cache, the new row written in place."""
+    import onnxruntime as ort
+
+    layers, H = MODEL_M["num_hidden_layers"], MODEL_M["num_attention_heads"]
+    Hkv, d = MODEL_M["num_key_value_heads"], MODEL_M["hidden_size"] // H
+    rng = np.random.default_rng(context)
+    angles = np.arange(MAX_LEN)[:, None] / 10000 ** (np.arange(0, d, 2) / d)[None]
+    feeds = {"query": rng.standard_normal((1, 1, H * d), np.float32),
+             "key": rng.standard_normal((1, 1, Hkv * d), np.float32),
+             "value": rng.standard_normal((1, 1, Hkv * d), np.float32),
+             "seqlens_k": np.array([context - 1], np.int32), "total": np.array(context, np.int32),
+             "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+    steps = {}
+    for kernel in KERNELS:
+        session, bindings = kernel_session(kernel), []
+        for _ in range(layers):
+            b = session.io_binding()
+            for name, value in feeds.items():
+                b.bind_cpu_input(name, value)
+            for name in ("key", "value"):
+                cache = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, Hkv, MAX_LEN, d), np.float32))
+                b.bind_ortvalue_input(f"past_{name}", cache)
+                b.bind_ortvalue_output(f"present_{name}", cache)
+            b.bind_output("out")
+            bindings.append(b)
+        steps[kernel] = (session, bindings)
+    times = {k: [] for k in KERNELS}
+    for _ in range(runs):
+        for kernel, (session, bindings) in steps.items():
+            t = time.perf_counter()
+            for b in bindings:
+                session.run_with_iobinding(b)
+            times[kernel].append(time.perf_counter() - t)
+    kv = layers * 2 * Hkv * d * context * 4
+    row = {"context": context, "kv_mb": kv / 1e6, "runs": runs}
+    for k, v in times.items():
+        row[f"{k}_ms"] = 1e3 * statistics.median(v)
+        row[f"{k}_gbs"] = kv / statistics.median(v) / 1e9
+    return row
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -91,6 +162,13 @@ def markdown(result: dict) -> str:
         lines += ["", f"decode({hi['context']}) / decode({lo['context']}): gqa {hi['gqa_ms'] / lo['gqa_ms']:.2f}, grouped "
                   f"{hi['grouped_ms'] / lo['grouped_ms']:.2f} (bytes read "
                   f"{decode_bytes(MODEL_M, hi['context']) / decode_bytes(MODEL_M, lo['context']):.2f}x)."]
+    if result.get("alone"):
+        lines += ["", f"The kernels alone: one step = 12 calls over 12 layers' caches (median of "
+                  f"{result['alone'][0]['runs']} alternated steps; GB/s = the K/V read / the step's time).", "",
+                  "| context | K/V MB | gqa ms | gqa GB/s | grouped ms | grouped GB/s |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['context']} | {r['kv_mb']:.0f} | {r['gqa_ms']:.2f} | {r['gqa_gbs']:.1f} | "
+                  f"{r['grouped_ms']:.2f} | {r['grouped_gbs']:.1f} |" for r in result["alone"]]
     return "\n".join(lines) + "\n"
 
 
@@ -131,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for e in engines.values():
             e.close()
-    result = {"machine": machine(), "copy_gbs": rate, "rows": rows}
+    alone = []
+    for context in args.contexts:
+        alone.append(measure_alone(context, args.steps))
+        log(f"alone at {context}: gqa {alone[-1]['gqa_ms']:.2f} ms, grouped {alone[-1]['grouped_ms']:.2f} ms "
+            f"({alone[-1]['grouped_gbs']:.1f} GB/s)")
+    result = {"machine": machine(), "copy_gbs": rate, "rows": rows, "alone": alone}
     (out / "decode_kernel.json").write_text(json.dumps(result, indent=1))
     (out / "decode_kernel.md").write_text(markdown(result))
     plot(result, out / "decode_kernel.png")

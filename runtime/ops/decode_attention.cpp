@@ -16,7 +16,7 @@
 // costs one pass over the visible cache, which is what bounds decode at long context. The loops come in
 // three forms (AVX-512 for d % 16 == 0, AVX2 for d % 8 == 0, both d <= 128; portable C++ otherwise), so
 // the pass runs near the memory rate: AVX-512 reads 12k keys of model M at ~25 GB/s on 2 Xeon cores
-// (scripts/bench_decode_kernel.py), where a 2-thread streaming read peaks at ~30.
+// (runtime/README.md, "Mesa CPU kernels"), where a plain 2-thread streaming read peaks at ~30.
 #define ORT_API_MANUAL_INIT  // not linked to onnxruntime: the API comes from the session that loads us
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
