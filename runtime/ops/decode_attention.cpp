@@ -128,35 +128,58 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 x) {
   return _mm_cvtss_f32(s);
 }
 
-// AVX2, d % 8 == 0, d <= 128: four keys at a time per head, four independent FMA chains.
+// AVX2, d % 8 == 0: the dot products of 8 keys with one head, folded into one register whose lane j is
+// key j's (three rounds of shuffle-and-add instead of a horizontal sum per key); four keys' FMA chains run
+// interleaved, and the keys enter in the order that leaves the lanes sorted.
+__attribute__((target("avx2,fma"))) inline __m256 dots8(const float* qh, const float* K, int64_t d) {
+  __m256 v[8];
+  for (int half = 0; half < 8; half += 4) {
+    const float* k[4];
+    for (int i = 0; i < 4; ++i) k[i] = K + (((half + i) >> 1) + 4 * ((half + i) & 1)) * d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < d; c += 8) {
+      const __m256 x = _mm256_loadu_ps(qh + c);
+      a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[0] + c), a0);
+      a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[1] + c), a1);
+      a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[2] + c), a2);
+      a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[3] + c), a3);
+    }
+    v[half] = a0, v[half + 1] = a1, v[half + 2] = a2, v[half + 3] = a3;
+  }
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i)  // 128-bit halves: lanes 0-3 slot 2i's partials, 4-7 slot 2i+1's
+    a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+  for (int i = 0; i < 2; ++i)  // pairs within a half
+    b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+}
+
 __attribute__((target("avx2,fma"))) void scores_avx2(const float* q, int64_t G, const float* K, int64_t n,
                                                        int64_t d, float* scores, float* top) {
-  for (int64_t h = 0; h < G; ++h) top[h] = -std::numeric_limits<float>::infinity();
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    for (int64_t h = 0; h < G; ++h) {
-      const float* qh = q + h * d;
-      float* out = scores + h * n;
-      int64_t j = b;
-      for (; j + 4 <= e; j += 4) {
-        const float* k0 = K + j * d;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < d; i += 8) {
-          const __m256 x = _mm256_loadu_ps(qh + i);
-          a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), a0);
-          a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d + i), a1);
-          a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 2 * d + i), a2);
-          a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 3 * d + i), a3);
-        }
-        out[j] = hsum(a0), out[j + 1] = hsum(a1), out[j + 2] = hsum(a2), out[j + 3] = hsum(a3);
+  __m256 mx[kMaxGroup];
+  for (int64_t h = 0; h < G; ++h) mx[h] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const int64_t full = n / 8 * 8;
+  for (int64_t b = 0; b < full; b += kBlock) {
+    const int64_t e = std::min(full, b + kBlock);
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t j = b; j < e; j += 8) {
+        const __m256 s = dots8(q + h * d, K + j * d, d);
+        _mm256_storeu_ps(scores + h * n + j, s);
+        mx[h] = _mm256_max_ps(mx[h], s);
       }
-      for (; j < e; ++j) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d; i += 8)
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(K + j * d + i), a);
-        out[j] = hsum(a);
-      }
-      for (j = b; j < e; ++j) top[h] = std::max(top[h], out[j]);
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx[h]);
+    top[h] = *std::max_element(lanes, lanes + 8);
+    for (int64_t j = full; j < n; ++j) {  // the last n % 8 keys one at a time
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t i = 0; i < d; i += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + i), _mm256_loadu_ps(K + j * d + i), a);
+      scores[h * n + j] = hsum(a);
+      top[h] = std::max(top[h], scores[h * n + j]);
     }
   }
 }
