@@ -34,6 +34,7 @@ from scripts.bench import ints  # noqa: E402
 from scripts.bench_limits import copy_gbs, machine  # noqa: E402
 from scripts.bench_model import MAX_LEN, MODEL_M, decode_bytes, make_model_m  # noqa: E402
 from scripts.bench_workers import export_ours, log  # noqa: E402
+from scripts.harness import one_node_session  # noqa: E402
 
 KERNELS = ("gqa", "grouped")
 
@@ -60,8 +61,7 @@ def measure(engines: dict, context: int, steps: int) -> dict:
 
 def kernel_session(kernel: str):
     """One decode-attention node of model M's shape over a cache of MAX_LEN slots, either kernel."""
-    from onnx import TensorProto, helper
-    import onnxruntime as ort
+    from onnx import TensorProto
 
     from runtime import custom_ops
 
@@ -71,17 +71,11 @@ def kernel_session(kernel: str):
               ("past_key", f, [1, Hkv, MAX_LEN, d]), ("past_value", f, [1, Hkv, MAX_LEN, d]),
               ("seqlens_k", TensorProto.INT32, [1]), ("total", TensorProto.INT32, []),
               ("cos", f, [MAX_LEN, d // 2]), ("sin", f, [MAX_LEN, d // 2])]
-    outputs = ["out", "present_key", "present_value"]
+    outputs = [("out", f, None), ("present_key", f, None), ("present_value", f, None)]
     op, domain = ("GroupQueryAttention", "com.microsoft") if kernel == "gqa" else \
         ("GroupedDecodeAttention", custom_ops.DOMAIN)
-    node = helper.make_node(op, [n for n, _, _ in inputs], outputs, domain=domain, num_heads=H, kv_num_heads=Hkv,
-                            do_rotary=1, rotary_interleaved=0)
-    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(*i) for i in inputs],
-                              [helper.make_tensor_value_info(o, f, None) for o in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
-    options = custom_ops.register(ort.SessionOptions())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the two sessions take turns
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return one_node_session(op, domain, inputs, outputs, num_heads=H, kv_num_heads=Hkv, do_rotary=1,
+                            rotary_interleaved=0)
 
 
 def measure_alone(context: int, runs: int) -> dict:
@@ -91,12 +85,12 @@ def measure_alone(context: int, runs: int) -> dict:
     layers, H = MODEL_M["num_hidden_layers"], MODEL_M["num_attention_heads"]
     Hkv, d = MODEL_M["num_key_value_heads"], MODEL_M["hidden_size"] // H
     rng = np.random.default_rng(context)
-    angles = np.arange(MAX_LEN)[:, None] / 10000 ** (np.arange(0, d, 2) / d)[None]
+    table = rng.uniform(-1, 1, (MAX_LEN, d // 2)).astype(np.float32)  # any cos / sin: the time is the same
     feeds = {"query": rng.standard_normal((1, 1, H * d), np.float32),
              "key": rng.standard_normal((1, 1, Hkv * d), np.float32),
              "value": rng.standard_normal((1, 1, Hkv * d), np.float32),
              "seqlens_k": np.array([context - 1], np.int32), "total": np.array(context, np.int32),
-             "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+             "cos": table, "sin": table}
     steps = {}
     for kernel in KERNELS:
         session, bindings = kernel_session(kernel), []
@@ -118,7 +112,7 @@ def measure_alone(context: int, runs: int) -> dict:
             for b in bindings:
                 session.run_with_iobinding(b)
             times[kernel].append(time.perf_counter() - t)
-    kv = layers * 2 * Hkv * d * context * 4
+    kv = decode_bytes(MODEL_M, context) - decode_bytes(MODEL_M, 0)  # the step's K/V
     row = {"context": context, "kv_mb": kv / 1e6, "runs": runs}
     for k, v in times.items():
         row[f"{k}_ms"] = 1e3 * statistics.median(v)

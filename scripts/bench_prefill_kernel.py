@@ -26,30 +26,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.bench_limits import machine  # noqa: E402
+from scripts.harness import one_node_session  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 4, 64  # model M
 
 
 def session(op: str, domain: str, s: int, P: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from runtime import custom_ops
+    from onnx import TensorProto
 
     f = TensorProto.FLOAT
     inputs = [("query", f, [1, s, HEADS * HEAD_DIM]), ("key", f, [1, s, KV_HEADS * HEAD_DIM]),
               ("value", f, [1, s, KV_HEADS * HEAD_DIM]), ("past_key", f, [1, KV_HEADS, P, HEAD_DIM]),
               ("past_value", f, [1, KV_HEADS, P, HEAD_DIM]), ("seqlens_k", TensorProto.INT32, [1]),
               ("total", TensorProto.INT32, [])]
-    outputs = ["out"] + (["present_key", "present_value"] if domain == "com.microsoft" else [])
-    node = helper.make_node(op, [n for n, _, _ in inputs], outputs, domain=domain, num_heads=HEADS,
-                            kv_num_heads=KV_HEADS)
-    graph = helper.make_graph([node], "prefill", [helper.make_tensor_value_info(*i) for i in inputs],
-                              [helper.make_tensor_value_info("out", f, [1, s, HEADS * HEAD_DIM])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
-    options = custom_ops.register(ort.SessionOptions())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # two sessions share the cores
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outputs = [("out", f, [1, s, HEADS * HEAD_DIM])]
+    if domain == "com.microsoft":
+        outputs += [("present_key", f, None), ("present_value", f, None)]
+    return one_node_session(op, domain, inputs, outputs, num_heads=HEADS, kv_num_heads=KV_HEADS)
 
 
 def measure(s: int, P: int, runs: int) -> dict:

@@ -17,6 +17,25 @@ import numpy as np
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
 
+# ------------------------------------------------------------------------------------- one-node sessions
+
+def one_node_session(op: str, domain: str, inputs: list[tuple], outputs: list[tuple], **attributes):
+    """An ONNX Runtime CPU session over one node `op` (inputs / outputs as (name, elem_type, shape)), with the
+    Mesa kernels registered and thread spinning off: the kernel benchmarks run two such sessions in turn."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from runtime import custom_ops
+
+    node = helper.make_node(op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], domain=domain, **attributes)
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info(*o) for o in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    options = custom_ops.register(ort.SessionOptions())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 # ------------------------------------------------------------------------------------- tokenizers
 
 def make_word_tokenizer(directory: str | Path, vocab_size: int, words: list[str] = ()) -> Path:

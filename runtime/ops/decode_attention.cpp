@@ -301,7 +301,7 @@ __attribute__((target("avx512f"))) inline void values16(const float* p, int64_t 
 template <int C>
 __attribute__((target("avx512f"))) void values_avx512(const float* p, int64_t G, const float* V, int64_t n,
                                                         float* acc) {
-  constexpr int HB = C >= 16 ? 1 : 16 / C;  // at most 16 accumulator registers
+  constexpr int HB = 16 / C;  // at most 16 accumulator registers (C <= 8)
   constexpr int64_t d = 16 * C;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
